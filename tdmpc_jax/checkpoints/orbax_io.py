@@ -1,0 +1,110 @@
+"""Orbax checkpoints of our own: params + target Qs + config metadata, loadable with nothing else."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+
+from tdmpc_jax.checkpoints.errors import CheckpointError
+from tdmpc_jax.config import ModelConfig
+
+FORMAT_NAME = "tdmpc_jax"
+FORMAT_VERSION = 1
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+    return ocp, ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+def save_orbax(directory, params, target_qs, cfg: ModelConfig, extra_metadata=None):
+    """Write atomically: into a temp sibling, then rename. An existing directory is replaced."""
+    directory = os.path.abspath(os.fspath(directory))
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise CheckpointError(directory, "output directory is not writable")
+    ocp, ckptr = _checkpointer()
+    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": cfg.to_dict(),
+            **(extra_metadata or {})}
+    state = {"params": params, "target_qs": target_qs}
+    state = jax.tree_util.tree_map(np.asarray, state)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(directory) + "-", dir=parent)
+    try:
+        ckptr.save(os.path.join(tmp, "ckpt"), ocp.args.Composite(
+            state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(meta)))
+        old = None
+        if os.path.exists(directory):
+            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
+            os.rename(directory, os.path.join(old, "x"))
+        os.rename(os.path.join(tmp, "ckpt"), directory)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def is_orbax_dir(path) -> bool:
+    return os.path.isdir(path) and os.path.isdir(os.path.join(path, "metadata"))
+
+
+def read_metadata(directory) -> dict:
+    path = os.path.join(directory, "metadata", "metadata")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(directory, "not a tdmpc_jax checkpoint (no metadata)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(directory, f"corrupt metadata: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise CheckpointError(directory, "not a tdmpc_jax checkpoint (wrong metadata format)")
+    if meta.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(directory, f"written by a newer tdmpc_jax (format version {meta['version']})")
+    return meta
+
+
+def load_orbax(directory):
+    """-> (params, target_qs, cfg, metadata); the state is checked against the config's shapes."""
+    from tdmpc_jax import networks
+    meta = read_metadata(directory)
+    try:
+        cfg = ModelConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(directory, f"bad config in metadata: {e}") from None
+    ocp, ckptr = _checkpointer()
+    try:
+        state = ckptr.restore(directory, ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    except Exception as e:  # orbax/tensorstore raise many types; report them as one
+        raise CheckpointError(directory, f"cannot restore state: {type(e).__name__}: {str(e)[:200]}") from None
+    want = jax.eval_shape(lambda k: networks.init_params(cfg, k), jax.random.PRNGKey(0))
+    got = (state.get("params"), state.get("target_qs")) if isinstance(state, dict) else (None, None)
+    check_tree(directory, got, want, cfg_param_dtype=meta.get("param_dtype"))
+    params, target = jax.tree_util.tree_map(np.asarray, got)
+    return params, target, cfg, meta
+
+
+def check_tree(path, got, want, cfg_param_dtype=None):
+    """Raise CheckpointError unless `got` has exactly the structure and shapes of `want`."""
+    try:
+        got_leaves = jax.tree_util.tree_leaves_with_path(got)
+        want_leaves = jax.tree_util.tree_leaves_with_path(want)
+    except Exception as e:
+        raise CheckpointError(path, f"unreadable parameter tree: {e}") from None
+    gd = {jax.tree_util.keystr(k): v for k, v in got_leaves}
+    wd = {jax.tree_util.keystr(k): v for k, v in want_leaves}
+    for k in wd:
+        if k not in gd:
+            raise CheckpointError(path, f"missing parameter {k}")
+        if tuple(gd[k].shape) != tuple(wd[k].shape):
+            raise CheckpointError(path, f"parameter {k} has shape {tuple(gd[k].shape)}, expected {tuple(wd[k].shape)}")
+        if not np.all(np.isfinite(np.asarray(gd[k], np.float32))):
+            raise CheckpointError(path, f"parameter {k} contains NaN or Inf")
+    extra = sorted(set(gd) - set(wd))
+    if extra:
+        raise CheckpointError(path, f"unexpected parameters {extra[:3]}")

@@ -1,0 +1,21 @@
+"""Shared glue for the absl entry points in experiments/: one-line errors and non-zero exits."""
+from __future__ import annotations
+
+import sys
+
+from absl import app
+
+from tdmpc_jax.checkpoints.errors import CheckpointError
+
+USER_ERRORS = (CheckpointError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError)
+
+
+def run(main):
+    """absl `app.run(main)`, but a user error prints `error: <one line>` and exits with status 1."""
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except USER_ERRORS as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+    app.run(wrapped)

@@ -1,0 +1,211 @@
+"""Frozen configuration dataclasses, the official model-size table and the MT30/MT80 task sets.
+
+Everything here is plain data: no module reads global flags; one config object flows through.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+# --- task sets (official order: the task id is the index) -------------------------------------
+
+MT30_TASKS: Tuple[str, ...] = (
+    "walker-stand", "walker-walk", "walker-run", "cheetah-run", "reacher-easy", "reacher-hard",
+    "acrobot-swingup", "pendulum-swingup", "cartpole-balance", "cartpole-balance-sparse",
+    "cartpole-swingup", "cartpole-swingup-sparse", "cup-catch", "finger-spin", "finger-turn-easy",
+    "finger-turn-hard", "fish-swim", "hopper-stand", "hopper-hop", "walker-walk-backwards",
+    "walker-run-backwards", "cheetah-run-backwards", "cheetah-run-front", "cheetah-run-back",
+    "cheetah-jump", "hopper-hop-backwards", "reacher-three-easy", "reacher-three-hard", "cup-spin",
+    "pendulum-spin",
+)
+MT30_OBS_DIMS: Tuple[int, ...] = (
+    24, 24, 24, 17, 6, 6, 6, 3, 5, 5, 5, 5, 8, 9, 12, 12, 24, 15, 15, 24,
+    24, 17, 17, 17, 17, 15, 8, 8, 8, 3,
+)
+MT30_ACTION_DIMS: Tuple[int, ...] = (
+    6, 6, 6, 6, 2, 2, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 5, 4, 4, 6,
+    6, 6, 6, 6, 6, 4, 3, 3, 2, 1,
+)
+_MW_NAMES = (
+    "assembly", "basketball", "button-press-topdown", "button-press-topdown-wall", "button-press",
+    "button-press-wall", "coffee-button", "coffee-pull", "coffee-push", "dial-turn", "disassemble",
+    "door-open", "door-close", "drawer-close", "drawer-open", "faucet-open", "faucet-close", "hammer",
+    "handle-press-side", "handle-press", "handle-pull-side", "handle-pull", "lever-pull",
+    "peg-insert-side", "peg-unplug-side", "pick-out-of-hole", "pick-place", "pick-place-wall",
+    "plate-slide", "plate-slide-side", "plate-slide-back", "plate-slide-back-side", "push-back", "push",
+    "push-wall", "reach", "reach-wall", "shelf-place", "soccer", "stick-push", "stick-pull",
+    "sweep-into", "sweep", "window-open", "window-close", "bin-picking", "box-close", "door-lock",
+    "door-unlock", "hand-insert",
+)
+MT80_TASKS: Tuple[str, ...] = MT30_TASKS + tuple("mw-" + n for n in _MW_NAMES)
+MT80_OBS_DIMS: Tuple[int, ...] = MT30_OBS_DIMS + (39,) * 50
+MT80_ACTION_DIMS: Tuple[int, ...] = MT30_ACTION_DIMS + (4,) * 50
+
+DMC_EPISODE_LENGTH = 500
+MW_EPISODE_LENGTH = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSet:
+    """An ordered task set with the per-task dims the multi-task model and planner need."""
+
+    name: str
+    tasks: Tuple[str, ...]
+    obs_dims: Tuple[int, ...]
+    action_dims: Tuple[int, ...]
+    episode_lengths: Tuple[int, ...]
+
+    @property
+    def obs_dim(self) -> int:
+        return max(self.obs_dims)
+
+    @property
+    def action_dim(self) -> int:
+        return max(self.action_dims)
+
+    def index(self, task: str) -> int:
+        if task not in self.tasks:
+            raise ValueError(f"unknown task {task!r} for task set {self.name} "
+                             f"(known: {', '.join(self.tasks)})")
+        return self.tasks.index(task)
+
+
+def _episode_lengths(tasks):
+    return tuple(MW_EPISODE_LENGTH if t.startswith("mw-") else DMC_EPISODE_LENGTH for t in tasks)
+
+
+TASK_SETS = {
+    "mt30": TaskSet("mt30", MT30_TASKS, MT30_OBS_DIMS, MT30_ACTION_DIMS, _episode_lengths(MT30_TASKS)),
+    "mt80": TaskSet("mt80", MT80_TASKS, MT80_OBS_DIMS, MT80_ACTION_DIMS, _episode_lengths(MT80_TASKS)),
+}
+
+
+def get_task_set(name: str) -> TaskSet:
+    if name not in TASK_SETS:
+        raise ValueError(f"unknown task set {name!r} (known: {', '.join(TASK_SETS)})")
+    return TASK_SETS[name]
+
+
+# --- model sizes -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SizeSpec:
+    enc_dim: int
+    mlp_dim: int
+    latent_dim: int
+    num_enc_layers: int
+    num_q: int
+
+
+MODEL_SIZES = {
+    1: SizeSpec(256, 384, 128, 2, 2),
+    5: SizeSpec(256, 512, 512, 2, 5),
+    19: SizeSpec(1024, 1024, 768, 3, 5),
+    48: SizeSpec(1792, 1792, 768, 4, 5),
+    317: SizeSpec(4096, 4096, 1376, 5, 8),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """World-model architecture. `tasks` empty means single-task (no task embedding)."""
+
+    obs_dim: int
+    action_dim: int
+    latent_dim: int = 128
+    enc_dim: int = 256
+    mlp_dim: int = 384
+    num_enc_layers: int = 2
+    num_q: int = 2
+    task_dim: int = 0
+    num_bins: int = 101
+    vmin: float = -10.0
+    vmax: float = 10.0
+    simnorm_dim: int = 8
+    dropout: float = 0.01
+    log_std_min: float = -10.0
+    log_std_max: float = 2.0
+    tasks: Tuple[str, ...] = ()
+    action_dims: Tuple[int, ...] = ()
+    obs_dims: Tuple[int, ...] = ()
+    episode_lengths: Tuple[int, ...] = ()
+    task_set: Optional[str] = None
+    model_size: Optional[int] = None
+
+    def __post_init__(self):
+        if self.latent_dim % self.simnorm_dim:
+            raise ValueError(f"latent_dim {self.latent_dim} is not divisible by simnorm_dim {self.simnorm_dim}")
+        n = len(self.tasks)
+        if self.multitask:
+            if self.task_dim <= 0:
+                raise ValueError("a multi-task model needs task_dim > 0")
+            for name in ("action_dims", "obs_dims", "episode_lengths"):
+                if len(getattr(self, name)) != n:
+                    raise ValueError(f"{name} has {len(getattr(self, name))} entries for {n} tasks")
+            if max(self.action_dims) > self.action_dim or max(self.obs_dims) > self.obs_dim:
+                raise ValueError("per-task dims exceed the padded obs/action dims")
+
+    @property
+    def multitask(self) -> bool:
+        return len(self.tasks) > 0
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def enc_hidden(self) -> Tuple[int, ...]:
+        return (self.enc_dim,) * max(self.num_enc_layers - 1, 1)
+
+    def task_index(self, task: str) -> int:
+        if task not in self.tasks:
+            raise ValueError(f"task {task!r} is not in this model's task set "
+                             f"({self.task_set or len(self.tasks)} tasks)")
+        return self.tasks.index(task)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        return cls(**kw)
+
+
+def official_task_dim(task_set: Optional[str], model_size: Optional[int]) -> int:
+    """The official parse_cfg quirk: 96 for mt80 and for mt30 sizes 1 and 317, else 64; 0 single-task."""
+    if task_set is None:
+        return 0
+    if task_set == "mt80" or model_size in (1, 317):
+        return 96
+    return 64
+
+
+def make_model_config(model_size: int = 1, task_set: Optional[str] = "mt30", *,
+                      obs_dim: Optional[int] = None, action_dim: Optional[int] = None,
+                      **overrides) -> ModelConfig:
+    """The official architecture for (model_size, task_set); single-task needs obs/action dims."""
+    if model_size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {model_size} (known: {sorted(MODEL_SIZES)})")
+    spec = MODEL_SIZES[model_size]
+    latent = spec.latent_dim
+    if task_set == "mt30" and model_size == 19:
+        latent = 512  # official quirk
+    kw = dict(enc_dim=spec.enc_dim, mlp_dim=spec.mlp_dim, latent_dim=latent,
+              num_enc_layers=spec.num_enc_layers, num_q=spec.num_q,
+              task_dim=official_task_dim(task_set, model_size), model_size=model_size)
+    if task_set is not None:
+        ts = get_task_set(task_set)
+        kw.update(tasks=ts.tasks, action_dims=ts.action_dims, obs_dims=ts.obs_dims,
+                  episode_lengths=ts.episode_lengths, task_set=ts.name,
+                  obs_dim=ts.obs_dim, action_dim=ts.action_dim)
+    else:
+        if obs_dim is None or action_dim is None:
+            raise ValueError("a single-task config needs obs_dim and action_dim")
+        kw.update(obs_dim=obs_dim, action_dim=action_dim)
+    kw.update(overrides)
+    return ModelConfig(**kw)
