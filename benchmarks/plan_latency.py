@@ -1,0 +1,86 @@
+"""MPPI planning latency vs the fp32 roofline, for the MT30 1M and 5M shapes.
+
+  python benchmarks/plan_latency.py [--cores=1] [--batch=300] [--sizes=1,5]
+Per size: ms per action for one problem (MPPI and policy prior), actions/s for a batch of `batch`
+problems, and both as multiples of the roofline (FLOPs of the plain official computation / the fp32
+matmul peak measured in this run). Writes a JSON line at the end.
+"""
+import json
+import sys
+
+from absl import app, flags
+
+flags.DEFINE_integer("cores", 1, "CPU cores to use (pinned before JAX starts)")
+flags.DEFINE_integer("batch", 300, "problems in the batched measurement (0 skips it)")
+flags.DEFINE_list("sizes", ["1", "5"], "MT30 model sizes")
+flags.DEFINE_integer("repeats", 10, "timed repeats")
+FLAGS = flags.FLAGS
+
+
+def plain_plan_flops(cfg, pcfg) -> float:
+    """FLOPs of one official MPPI action: every iteration values all samples, task emb concatenated."""
+    L, T, A, M = cfg.latent_dim, cfg.task_dim, cfg.action_dim, cfg.mlp_dim
+    lin = lambda i, o: 2 * i * o
+    head = lambda i, out: lin(i, M) + lin(M, M) + lin(M, out)
+    reward, nxt, pi = head(L + T + A, cfg.num_bins), head(L + T + A, L), head(L + T, 2 * A)
+    q2 = 2 * head(L + T + A, cfg.num_bins)
+    per_sample = pcfg.horizon * (reward + nxt) + pi + q2
+    enc = sum(lin(i, o) for i, o in zip((cfg.obs_dim + T,) + cfg.enc_hidden, cfg.enc_hidden + (L,)))
+    pi_rollout = pcfg.num_pi_trajs * (pcfg.horizon * pi + (pcfg.horizon - 1) * nxt)
+    return enc + pi_rollout + pcfg.iterations * pcfg.num_samples * per_sample
+
+
+def main(_):
+    from benchmarks.common import pin_cores
+    pin_cores(FLAGS.cores)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks.common import matmul_peak_gflops, time_call
+    from tdmpc_jax import networks, planner
+    from tdmpc_jax.config import make_model_config
+
+    peak = matmul_peak_gflops()
+    print(f"jax {jax.__version__}, {FLAGS.cores} core(s); fp32 matmul peak {peak:.1f} GFLOP/s", flush=True)
+    results = {"cores": FLAGS.cores, "matmul_peak_gflops": peak, "sizes": {}}
+    pcfg = planner.PlannerConfig()
+    for size in map(int, FLAGS.sizes):
+        cfg = make_model_config(size, "mt30")
+        params, _ = networks.init_params(cfg, jax.random.PRNGKey(0))
+        # non-trivial heads so the work is representative
+        params = jax.tree_util.tree_map(lambda x: x + 0.01, params)
+        flops = plain_plan_flops(cfg, pcfg)
+        roof_ms = flops / peak / 1e6
+        obs = jax.random.normal(jax.random.PRNGKey(1), (cfg.obs_dim,))
+        st = planner.init_state(cfg, pcfg)
+        one = lambda k: planner.act_one(cfg, pcfg, params, obs, jnp.int32(3), st, jnp.bool_(False), k)
+        best, med = time_call(one, jax.random.PRNGKey(2), repeats=FLAGS.repeats)
+        pol = planner.PlannerConfig(mpc=False)
+        pbest, _ = time_call(lambda k: planner.act_one(cfg, pol, params, obs, jnp.int32(3), st,
+                                                       jnp.bool_(False), k), jax.random.PRNGKey(2), repeats=50)
+        r = {"plain_gflop_per_action": flops / 1e9, "roofline_ms": roof_ms, "mppi_ms": best * 1e3,
+             "mppi_ms_median": med * 1e3, "mppi_x_roofline": best * 1e3 / roof_ms,
+             "policy_prior_ms": pbest * 1e3}
+        print(f"MT30-{size}M: {flops / 1e9:.2f} GFLOP/action (plain), roofline {roof_ms:.1f} ms | "
+              f"MPPI {best * 1e3:.1f} ms (median {med * 1e3:.1f}) = {r['mppi_x_roofline']:.2f}x roofline | "
+              f"policy prior {pbest * 1e3:.3f} ms", flush=True)
+        if FLAGS.batch:
+            B = FLAGS.batch
+            obs_b = jax.random.normal(jax.random.PRNGKey(3), (B, cfg.obs_dim))
+            task_b = jnp.arange(B, dtype=jnp.int32) % cfg.num_tasks
+            st_b = planner.init_state(cfg, pcfg, B)
+            t0 = jnp.zeros((B,), bool)
+            fb = lambda k: planner.act_batch(cfg, pcfg, params, obs_b, task_b, st_b, t0, k)
+            bbest, _ = time_call(fb, jax.random.PRNGKey(4), repeats=max(2, FLAGS.repeats // 5), warmup=1)
+            r.update(batch=B, batch_actions_per_s=B / bbest,
+                     batch_fraction_of_peak=B * flops / bbest / 1e9 / peak)
+            print(f"  batch {B}: {B / bbest:.1f} actions/s, {r['batch_fraction_of_peak']:.0%} of the matmul peak "
+                  f"(plain FLOPs)", flush=True)
+        results["sizes"][size] = r
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
+    app.run(main)

@@ -1,0 +1,60 @@
+"""Evaluate a checkpoint on MT30 tasks, every episode batched; or compare earlier evaluations.
+
+  python experiments/evaluate.py --checkpoint=PATH --tasks=mt30 --episodes=10 --seed=1 \
+      --mpc=true --eval_mode=true --output=DIR
+  python experiments/evaluate.py --compare=DIR1,DIR2 --output=DIR
+Writes DIR/results.json, DIR/results.csv (and DIR/compare.png with --compare).
+"""
+import json
+import os
+
+from absl import flags
+
+from tdmpc_jax import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "official .pt or tdmpc_jax Orbax directory")
+flags.DEFINE_string("tasks", "mt30", "mt30, mt80, or a comma-separated list of task names")
+flags.DEFINE_integer("episodes", 10, "episodes per task")
+flags.DEFINE_integer("seed", 1, "environment seed (random=seed) and planner PRNG seed")
+flags.DEFINE_bool("mpc", True, "plan with MPPI (false: act with the policy prior)")
+flags.DEFINE_bool("eval_mode", True, "no exploration noise (the official evaluate.py used false)")
+flags.DEFINE_integer("iterations", 6, "MPPI iterations")
+flags.DEFINE_integer("num_samples", 512, "MPPI samples")
+flags.DEFINE_integer("num_elites", 64, "MPPI elites")
+flags.DEFINE_integer("num_pi_trajs", 24, "policy trajectories among the samples")
+flags.DEFINE_integer("horizon", 3, "planning horizon")
+flags.DEFINE_integer("workers", 0, "environment worker processes (0: step in this process)")
+flags.DEFINE_list("compare", None, "result directories to plot side by side instead of evaluating")
+flags.DEFINE_string("output", None, "output directory", required=True)
+
+
+def main(argv):
+    del argv
+    from tdmpc_jax.results_io import check_writable_dir, read_results, write_results
+    check_writable_dir(FLAGS.output)
+    if FLAGS.compare:
+        from tdmpc_jax.plots import compare_runs
+        runs = {os.path.basename(os.path.normpath(d)) or d: read_results(d) for d in FLAGS.compare}
+        png = compare_runs(runs, os.path.join(FLAGS.output, "compare.png"))
+        print(json.dumps({k: round(v["normalized_score"], 3) for k, v in runs.items()} | {"plot": png}))
+        return
+    if not FLAGS.checkpoint:
+        raise ValueError("--checkpoint is required (or use --compare)")
+    import tdmpc_jax
+    from tdmpc_jax.evaluation import evaluate
+    from tdmpc_jax.planner import PlannerConfig
+    agent = tdmpc_jax.load_checkpoint(FLAGS.checkpoint)
+    pcfg = PlannerConfig(horizon=FLAGS.horizon, iterations=FLAGS.iterations, num_samples=FLAGS.num_samples,
+                         num_elites=FLAGS.num_elites, num_pi_trajs=FLAGS.num_pi_trajs, mpc=FLAGS.mpc)
+    res = evaluate(agent, FLAGS.tasks, FLAGS.episodes, FLAGS.seed, pcfg, FLAGS.eval_mode, FLAGS.workers)
+    write_results(FLAGS.output, res)
+    for t, v in res["tasks"].items():
+        print(f"  {t:28s} return {v['mean']:8.1f} +- {v['std']:6.1f}   score {v['score']:6.2f}")
+    lo, hi = res["normalized_score_ci95"]
+    print(f"normalized score {res['normalized_score']:.2f} (95% CI {lo:.2f}-{hi:.2f}); "
+          f"{res['wall_time_s']:.0f}s; results in {FLAGS.output}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

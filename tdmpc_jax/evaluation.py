@@ -1,0 +1,152 @@
+"""Batched evaluation: every (task, episode) of a run in lock-step, scores and bootstrap CIs.
+
+Episode i of task T with seed S is the official protocol's episode (env built with `random=S`,
+episodes in sequence; see `BatchedEnv.for_episodes`). A DMC task's score is its mean return / 10;
+the normalized score is the unweighted mean over tasks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tdmpc_jax import planner
+from tdmpc_jax.agent import Agent
+from tdmpc_jax.envs import BatchedEnv, make
+from tdmpc_jax.planner import PlannerConfig
+
+
+def resolve_tasks(agent: Agent, tasks: str | Sequence[str]) -> List[str]:
+    """'mt30' / 'mt80' / 'a,b,c' / a list -> task names, validated against the agent's task set."""
+    from tdmpc_jax.config import TASK_SETS
+    if isinstance(tasks, str):
+        tasks = list(TASK_SETS[tasks].tasks) if tasks in TASK_SETS else [t for t in tasks.split(",") if t]
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("no tasks given")
+    cfg = agent.config
+    for t in tasks:
+        if cfg.multitask and t not in cfg.tasks:
+            raise ValueError(f"task {t!r} is not in the checkpoint's task set ({cfg.task_set or cfg.num_tasks} tasks)")
+        if t.startswith("mw-"):
+            raise ValueError(f"task {t!r}: Meta-World environments are not supported yet")
+    return tasks
+
+
+def check_dims(agent: Agent, tasks: Sequence[str]):
+    """Build each task once and check its obs/action dims against the model before long work."""
+    cfg = agent.config
+    for t in tasks:
+        env = make(t, 0)
+        if cfg.multitask:
+            i = cfg.task_index(t)
+            want = (cfg.obs_dims[i], cfg.action_dims[i])
+        else:
+            want = (cfg.obs_dim, cfg.action_dim)
+        if (env.obs_dim, env.action_dim) != want:
+            raise ValueError(f"task {t!r}: environment obs/action dims {(env.obs_dim, env.action_dim)} do not "
+                             f"match the model's {want}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeResult:
+    task: str
+    episode: int
+    ret: float
+
+
+def run_episodes(agent: Agent, slots: Sequence[tuple], pcfg: PlannerConfig, seed: int = 1,
+                 eval_mode: bool = True, num_workers: int = 0, progress: bool = True,
+                 record_actions: bool = False):
+    """Play every slot (task, env_seed, episode_index) to the end in lock-step. -> (returns, actions)."""
+    cfg = agent.config
+    params = jax.tree_util.tree_map(jnp.asarray, agent.params)
+    task_ids = jnp.asarray([cfg.task_index(t) if cfg.multitask else 0 for t, _, _ in slots], jnp.int32)
+    n = len(slots)
+    env = BatchedEnv.for_episodes(slots, num_workers=num_workers, obs_dim=cfg.obs_dim, action_dim=cfg.action_dim)
+    try:
+        obs = env.reset()
+        state = planner.init_state(cfg, pcfg, n)
+        returns = np.zeros(n, np.float64)
+        length = max(make(t, 0).episode_length for t in {s[0] for s in slots})
+        key = jax.random.PRNGKey(seed)
+        actions_log = [] if record_actions else None
+        t_start = last_print = time.perf_counter()
+        for t in range(length):
+            t0 = jnp.full((n,), t == 0)
+            act, state = planner.act_batch(cfg, pcfg, params, jnp.asarray(obs), task_ids, state, t0,
+                                           jax.random.fold_in(key, t), eval_mode)
+            act = np.asarray(act)
+            if not np.all(np.isfinite(act)):
+                raise FloatingPointError(f"planner produced non-finite actions at step {t}")
+            if record_actions:
+                actions_log.append(act)
+            obs, rew, done = env.step(act)
+            returns += rew
+            now = time.perf_counter()
+            if progress and (now - last_print > 2.0 or t + 1 == length):
+                last_print = now
+                _progress(t + 1, length, n, now - t_start)
+            if done.all():
+                break
+        if progress:
+            print(file=sys.stderr)
+    finally:
+        env.close()
+    return returns, (np.stack(actions_log, 1) if record_actions else None)
+
+
+def _progress(step, total, n, elapsed):
+    rate = step / max(elapsed, 1e-9)
+    eta = (total - step) / rate
+    print(f"\r  step {step}/{total}  {rate * n:8.1f} env steps/s  {1e3 / rate:8.1f} ms/step  "
+          f"elapsed {elapsed:6.0f}s  ETA {eta:6.0f}s", end="", file=sys.stderr, flush=True)
+
+
+def bootstrap_ci(per_task_returns: Dict[str, np.ndarray], n_boot: int = 2000, seed: int = 0, level=0.95):
+    """Percentile CI of the normalized score, resampling episodes within each task."""
+    rng = np.random.default_rng(seed)
+    scores = np.zeros(n_boot)
+    for r in per_task_returns.values():
+        r = np.asarray(r, np.float64)
+        idx = rng.integers(0, len(r), size=(n_boot, len(r)))
+        scores += r[idx].mean(1) / 10.0
+    scores /= len(per_task_returns)
+    lo, hi = np.quantile(scores, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def summarize(per_task_returns: Dict[str, np.ndarray]) -> dict:
+    tasks = {}
+    for t, r in per_task_returns.items():
+        r = np.asarray(r, np.float64)
+        lo, hi = bootstrap_ci({t: r})
+        tasks[t] = {"returns": [float(x) for x in r], "mean": float(r.mean()), "std": float(r.std()),
+                    "score": float(r.mean() / 10.0), "score_ci95": [lo, hi]}
+    norm = float(np.mean([v["score"] for v in tasks.values()]))
+    return {"tasks": tasks, "normalized_score": norm, "normalized_score_ci95": list(bootstrap_ci(per_task_returns))}
+
+
+def evaluate(agent: Agent, tasks, episodes: int = 10, seed: int = 1, pcfg: Optional[PlannerConfig] = None,
+             eval_mode: bool = True, num_workers: int = 0, progress: bool = True) -> dict:
+    """Evaluate `episodes` episodes of each task, all batched; returns the results dict."""
+    pcfg = pcfg or PlannerConfig()
+    if episodes < 1:
+        raise ValueError("episodes must be >= 1")
+    tasks = resolve_tasks(agent, tasks)
+    check_dims(agent, tasks)
+    slots = [(t, seed, e) for t in tasks for e in range(episodes)]
+    t0 = time.perf_counter()
+    returns, _ = run_episodes(agent, slots, pcfg, seed, eval_mode, num_workers, progress)
+    wall = time.perf_counter() - t0
+    per_task = {t: returns[i * episodes:(i + 1) * episodes] for i, t in enumerate(tasks)}
+    out = summarize(per_task)
+    out.update(checkpoint=str(agent.metadata.get("source", "")), seed=seed, episodes=episodes,
+               eval_mode=eval_mode, planner=dataclasses.asdict(pcfg), wall_time_s=wall,
+               agent_steps_per_s=len(slots) * 500 / wall, jax_backend=jax.default_backend())
+    return out
