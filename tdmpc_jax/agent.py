@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tdmpc_jax import math as tmath
-from tdmpc_jax import networks
+from tdmpc_jax import networks, quantize
 from tdmpc_jax.checkpoints import official, orbax_io
 from tdmpc_jax.checkpoints.errors import CheckpointError
 from tdmpc_jax.checkpoints.torch_reader import read_torch_file
@@ -99,18 +99,28 @@ class Agent:
         groups = {k: networks.count_params(v) for k, v in self.params.items()}
         return {"learnable": sum(groups.values()), "target": networks.count_params(self.target_qs), **groups}
 
-    def save(self, directory, **extra_metadata):
-        return orbax_io.save_orbax(directory, self.params, self.target_qs, self.config,
-                                   {**{k: v for k, v in self.metadata.items() if _jsonable(v)}, **extra_metadata})
+    def save(self, directory, fmt: str = "fp32", keep_fp16=(), **extra_metadata):
+        """Orbax checkpoint in storage format `fmt` (fp32/fp16/bf16/int8/mixed; see tdmpc_jax.quantize)."""
+        meta = {k: v for k, v in self.metadata.items() if _jsonable(v) and k != "param_format"}
+        if fmt == "mixed":
+            meta["mixed_fp16_kernels"] = ["/".join(p) for p in keep_fp16]
+        return orbax_io.save_orbax(directory, quantize.convert(self.params, fmt, keep_fp16),
+                                   quantize.convert(self.target_qs, fmt, [p[1:] for p in keep_fp16 if p[0] == "qs"]),
+                                   self.config, {**meta, **extra_metadata}, param_format=fmt)
+
+
+def _np(tree):
+    return jax.tree_util.tree_map(np.asarray, tree)
 
 
 def _jsonable(v):
     return isinstance(v, (str, int, float, bool, type(None), list, tuple))
 
 
-def load_checkpoint(path, **overrides) -> Agent:
+def load_checkpoint(path, compute: str = "fp32", **overrides) -> Agent:
     """Load an official PyTorch `.pt` (old or new format, fp32/fp16/qint8) or a tdmpc_jax Orbax dir.
 
+    compute: 'fp32' (dequantize once at load) or 'bf16' (bf16 kernels and matmuls).
     `overrides` (e.g. task_set='mt30', tasks=..., action_dims=...) replace inferred config fields.
     """
     path = os.fspath(path)
@@ -120,7 +130,8 @@ def load_checkpoint(path, **overrides) -> Agent:
         params, target, cfg, meta = orbax_io.load_orbax(path)
         if overrides:
             cfg = dataclasses.replace(cfg, **overrides)
-        return Agent(cfg, params, target, dict(meta, source=path))
+        return Agent(cfg, _np(quantize.for_compute(params, compute)), _np(quantize.dequantize(target)),
+                     dict(meta, source=path, compute=compute))
     obj = read_torch_file(path)
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict):
@@ -131,7 +142,9 @@ def load_checkpoint(path, **overrides) -> Agent:
     except (ValueError, TypeError) as e:
         raise CheckpointError(path, f"cannot infer the architecture: {e}") from None
     params, target, info = official.state_dict_to_params(sd, cfg, path)
-    return Agent(cfg, params, target, {"source": path, "source_format": info["format"],
+    if compute != "fp32":
+        params = _np(quantize.for_compute(params, compute))
+    return Agent(cfg, params, target, {"source": path, "source_format": info["format"], "compute": compute,
                                        "source_dtypes": info["dtypes"],
                                        "quantized_zero_fraction": info["quantized_zero_fraction"]})
 

@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import sys
 
-from absl import app
+from absl import app, logging
 
 from tdmpc_jax.checkpoints.errors import CheckpointError
 
-USER_ERRORS = (CheckpointError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError)
+USER_ERRORS = (CheckpointError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError, RuntimeError)
 
 
 def run(main):
     """absl `app.run(main)`, but a user error prints `error: <one line>` and exits with status 1."""
     def wrapped(argv):
+        logging.set_verbosity(logging.WARNING)  # orbax/jax INFO chatter would bury the progress lines
         try:
             return main(argv)
         except USER_ERRORS as e:

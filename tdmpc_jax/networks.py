@@ -53,11 +53,18 @@ def dropout(x, rate: float, key):
     return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
+def matmul(x, kernel):
+    """x @ kernel; a reduced-precision (bf16/fp16) kernel computes in its dtype, accumulating in fp32."""
+    if kernel.dtype == x.dtype:
+        return x @ kernel
+    return jnp.matmul(x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+
+
 def layer_forward(p, x, act: str = "mish", simnorm_dim: int = 8, rate: float = 0.0, key=None):
     """One layer: NormedLinear (Dense -> [Dropout] -> LayerNorm -> act) if it has 'ln', else Dense."""
     if "ln" not in p:
-        return x @ p["kernel"] + p["bias"]
-    x = x @ p["dense"]["kernel"] + p["dense"]["bias"]
+        return matmul(x, p["kernel"]) + p["bias"]
+    x = matmul(x, p["dense"]["kernel"]) + p["dense"]["bias"]
     if rate > 0 and key is not None:
         x = dropout(x, rate, key)
     return normed_act(p["ln"], x, act, simnorm_dim)

@@ -115,7 +115,7 @@ def _q_avg(cfg1, qs, z, a):
     n = jax.tree_util.tree_leaves(ens)[0].shape[0]
     x = jnp.concatenate([z, a], -1)
     k = jnp.moveaxis(ens["layer_0"]["dense"]["kernel"], 0, -2).reshape(x.shape[-1], -1)  # (in, n*M)
-    h = (x @ k + ens["layer_0"]["dense"]["bias"].reshape(-1)).reshape(x.shape[0], n, -1)
+    h = (networks.matmul(x, k) + ens["layer_0"]["dense"]["bias"].reshape(-1)).reshape(x.shape[0], n, -1)
     tail = lambda p, hm: _tails([p], hm, [None], cfg1.simnorm_dim)[0]
     logits = jax.vmap(tail, in_axes=(0, 1))(ens, h)  # (n, N, nb)
     return tmath.two_hot_inv(logits, cfg1.vmin, cfg1.vmax).mean(0)
@@ -128,10 +128,11 @@ def estimate_value_lean(cfg1, pp, z0, actions, mask, gamma, key):
     """
     L = z0.shape[-1]
     G, disc = 0.0, 1.0
-    first = z0 @ pp["rd_kernel"][:L] + pp["rd_bias"] + actions[0] @ pp["rd_kernel"][L:]
+    mm = networks.matmul
+    first = mm(z0, pp["rd_kernel"][:L]) + pp["rd_bias"] + mm(actions[0], pp["rd_kernel"][L:])
     for t in range(actions.shape[0]):
         if t > 0:
-            first = jnp.concatenate([z, actions[t]], -1) @ pp["rd_kernel"] + pp["rd_bias"]
+            first = mm(jnp.concatenate([z, actions[t]], -1), pp["rd_kernel"]) + pp["rd_bias"]
         r, z = _reward_and_next(cfg1, pp, first)
         G = G + disc * r
         disc = disc * gamma

@@ -17,12 +17,18 @@ FORMAT_VERSION = 1
 
 
 def _checkpointer():
+    """Uncompressed arrays: sizes on disk then reflect the storage format (fp16 = half of fp32)."""
     import orbax.checkpoint as ocp
-    return ocp, ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    handler = ocp.CompositeCheckpointHandler(state=ocp.PyTreeCheckpointHandler(use_compression=False),
+                                             metadata=ocp.JsonCheckpointHandler())
+    return ocp, ocp.Checkpointer(handler)
 
 
-def save_orbax(directory, params, target_qs, cfg: ModelConfig, extra_metadata=None):
-    """Write atomically: into a temp sibling, then rename. An existing directory is replaced."""
+def save_orbax(directory, params, target_qs, cfg: ModelConfig, extra_metadata=None, param_format="fp32"):
+    """Write atomically: into a temp sibling, then rename. An existing directory is replaced.
+
+    params/target_qs may be storage trees of `tdmpc_jax.quantize` (param_format fp16/bf16/int8/mixed).
+    """
     directory = os.path.abspath(os.fspath(directory))
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
@@ -30,13 +36,13 @@ def save_orbax(directory, params, target_qs, cfg: ModelConfig, extra_metadata=No
         raise CheckpointError(directory, "output directory is not writable")
     ocp, ckptr = _checkpointer()
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": cfg.to_dict(),
-            **(extra_metadata or {})}
+            **(extra_metadata or {}), "param_format": param_format}
     state = {"params": params, "target_qs": target_qs}
     state = jax.tree_util.tree_map(np.asarray, state)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(directory) + "-", dir=parent)
     try:
         ckptr.save(os.path.join(tmp, "ckpt"), ocp.args.Composite(
-            state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(meta)))
+            state=ocp.args.PyTreeSave(state), metadata=ocp.args.JsonSave(meta)))
         old = None
         if os.path.exists(directory):
             old = tempfile.mkdtemp(prefix=".old-", dir=parent)
@@ -70,8 +76,11 @@ def read_metadata(directory) -> dict:
 
 
 def load_orbax(directory):
-    """-> (params, target_qs, cfg, metadata); the state is checked against the config's shapes."""
-    from tdmpc_jax import networks
+    """-> (storage params, storage target_qs, cfg, metadata), checked against the config's shapes.
+
+    The trees are as saved (see metadata['param_format']); `quantize.dequantize` gives fp32.
+    """
+    from tdmpc_jax import networks, quantize
     meta = read_metadata(directory)
     try:
         cfg = ModelConfig.from_dict(meta["config"])
@@ -79,17 +88,23 @@ def load_orbax(directory):
         raise CheckpointError(directory, f"bad config in metadata: {e}") from None
     ocp, ckptr = _checkpointer()
     try:
-        state = ckptr.restore(directory, ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        state = ckptr.restore(directory, ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
     except Exception as e:  # orbax/tensorstore raise many types; report them as one
         raise CheckpointError(directory, f"cannot restore state: {type(e).__name__}: {str(e)[:200]}") from None
     want = jax.eval_shape(lambda k: networks.init_params(cfg, k), jax.random.PRNGKey(0))
     got = (state.get("params"), state.get("target_qs")) if isinstance(state, dict) else (None, None)
-    check_tree(directory, got, want, cfg_param_dtype=meta.get("param_dtype"))
-    params, target = jax.tree_util.tree_map(np.asarray, got)
-    return params, target, cfg, meta
+    if got[0] is None or got[1] is None:
+        raise CheckpointError(directory, "state lacks params or target_qs")
+    try:
+        quantize.validate_storage({"params": got[0], "target_qs": got[1]}, "state")
+        deq = tuple(jax.eval_shape(quantize.dequantize, t) for t in got)
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
+        raise CheckpointError(directory, f"corrupt {meta.get('param_format', 'fp32')} parameters: {e}") from None
+    check_tree(directory, deq, want)
+    return got[0], got[1], cfg, meta
 
 
-def check_tree(path, got, want, cfg_param_dtype=None):
+def check_tree(path, got, want):
     """Raise CheckpointError unless `got` has exactly the structure and shapes of `want`."""
     try:
         got_leaves = jax.tree_util.tree_leaves_with_path(got)
@@ -103,8 +118,6 @@ def check_tree(path, got, want, cfg_param_dtype=None):
             raise CheckpointError(path, f"missing parameter {k}")
         if tuple(gd[k].shape) != tuple(wd[k].shape):
             raise CheckpointError(path, f"parameter {k} has shape {tuple(gd[k].shape)}, expected {tuple(wd[k].shape)}")
-        if not np.all(np.isfinite(np.asarray(gd[k], np.float32))):
-            raise CheckpointError(path, f"parameter {k} contains NaN or Inf")
     extra = sorted(set(gd) - set(wd))
     if extra:
         raise CheckpointError(path, f"unexpected parameters {extra[:3]}")

@@ -1,0 +1,94 @@
+"""Write fp16 / bf16 / int8 / mixed variants of a checkpoint and a report of what each costs.
+
+  python experiments/quantize.py --checkpoint=PATH --formats=fp16,bf16,int8,mixed --output=DIR \
+      [--evaluate --tasks=... --episodes=10 --mpc=false] [--extra=other.pt,...]
+DIR/<format>/ holds each variant (Orbax; `load_checkpoint` reads it), DIR/report.{md,json,png} the
+comparison against fp32: size, output errors on real observations, MPPI latency, and scores.
+"""
+import os
+
+from absl import flags
+
+from tdmpc_jax import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "official .pt or tdmpc_jax Orbax directory", required=True)
+flags.DEFINE_list("formats", ["fp16", "bf16", "int8", "mixed"], "formats to write besides fp32")
+flags.DEFINE_string("output", None, "output directory", required=True)
+flags.DEFINE_bool("evaluate", False, "also evaluate every variant")
+flags.DEFINE_string("tasks", None, "tasks to evaluate (default: the checkpoint's task set)")
+flags.DEFINE_integer("episodes", 10, "episodes per task with --evaluate")
+flags.DEFINE_bool("mpc", False, "evaluate with MPPI (default: the policy prior, 100x cheaper)")
+flags.DEFINE_integer("seed", 1, "seed for observations and evaluation")
+flags.DEFINE_integer("calib_steps", 50, "policy-prior steps per task for the observation set")
+flags.DEFINE_float("mixed_share", 0.5, "mixed keeps fp16 kernels covering this share of int8 error")
+flags.DEFINE_enum("compute", "fp32", ["fp32", "bf16"], "compute mode of the loaded variants")
+flags.DEFINE_list("extra", [], "other checkpoints of the same architecture to put in the table")
+flags.DEFINE_bool("latency", True, "measure MPPI latency per compute mode")
+
+
+def main(argv):
+    del argv
+    import jax
+    import jax.numpy as jnp
+
+    import tdmpc_jax
+    from tdmpc_jax import quant_report as qr
+    from tdmpc_jax import quantize
+    from tdmpc_jax.evaluation import check_dims, evaluate, resolve_tasks
+    from tdmpc_jax.planner import PlannerConfig
+    from tdmpc_jax.results_io import check_writable_dir
+
+    bad = [f for f in FLAGS.formats if f not in quantize.FORMATS]
+    if bad:
+        raise ValueError(f"unknown formats {bad} (known: {', '.join(quantize.FORMATS)})")
+    check_writable_dir(FLAGS.output)
+    agent = tdmpc_jax.load_checkpoint(FLAGS.checkpoint)
+    cfg = agent.config
+    if not cfg.multitask:
+        raise ValueError("the report needs a multi-task checkpoint (its task set gives the observations)")
+    calib_tasks = resolve_tasks(agent, FLAGS.tasks or cfg.task_set or ",".join(cfg.tasks))
+    check_dims(agent, calib_tasks)
+    extras = {os.path.basename(p): tdmpc_jax.load_checkpoint(p) for p in FLAGS.extra}
+    for name, e in extras.items():
+        if e.config != cfg:
+            raise ValueError(f"--extra {name}: architecture differs from the checkpoint's")
+    print(f"collecting observations on {len(calib_tasks)} tasks ...", flush=True)
+    obs, task, action = qr.collect_observations(agent, calib_tasks, FLAGS.calib_steps, FLAGS.seed)
+    keep = []
+    if "mixed" in FLAGS.formats:
+        print("measuring per-kernel int8 sensitivity ...", flush=True)
+        keep, sens = qr.choose_mixed(agent, obs, task, action, FLAGS.mixed_share)
+    ref = qr.model_outputs(cfg, jax.tree_util.tree_map(jnp.asarray, agent.params), obs, task, action)
+    report = {"checkpoint": FLAGS.checkpoint, "tasks": calib_tasks, "num_observations": int(len(obs)),
+              "compute": FLAGS.compute, "mixed_fp16_kernels": ["/".join(k) for k in keep], "variants": {}}
+    variants = {}
+    for fmt in ["fp32"] + [f for f in FLAGS.formats if f != "fp32"]:
+        d = agent.save(os.path.join(FLAGS.output, fmt), fmt=fmt, keep_fp16=keep if fmt == "mixed" else ())
+        variants[fmt] = (tdmpc_jax.load_checkpoint(d, compute=FLAGS.compute), d)
+    for name, e in extras.items():
+        variants[name] = (e, None)
+    pcfg = PlannerConfig(mpc=FLAGS.mpc)
+    for name, (v, d) in variants.items():
+        params = jax.tree_util.tree_map(jnp.asarray, v.params)
+        got = qr.model_outputs(cfg, params, obs, task, action)
+        row = {"errors": qr.output_errors(ref, got),
+               "param_bytes": quantize.nbytes(quantize.convert(agent.params, name, keep)) if d else
+               os.path.getsize(v.metadata["source"]),
+               "disk_bytes": qr.dir_bytes(d) if d else os.path.getsize(v.metadata["source"])}
+        if FLAGS.evaluate:
+            row["eval"] = evaluate(v, calib_tasks, FLAGS.episodes, FLAGS.seed, pcfg, progress=False)
+            print(f"  {name}: normalized score {row['eval']['normalized_score']:.2f}", flush=True)
+        report["variants"][name] = row
+    if FLAGS.latency:
+        modes = {"fp32": jax.tree_util.tree_map(jnp.asarray, agent.params),
+                 "bf16": quantize.for_compute(agent.params, "bf16")}
+        report["compute_modes"] = {m: qr.plan_latency_ms(cfg, p) for m, p in modes.items()}
+        for name in report["variants"]:
+            report["variants"][name]["plan_ms"] = report["compute_modes"][FLAGS.compute]
+    qr.write_report(FLAGS.output, report)
+    print(open(os.path.join(FLAGS.output, "report.md")).read())
+
+
+if __name__ == "__main__":
+    cli.run(main)
