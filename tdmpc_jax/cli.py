@@ -7,7 +7,8 @@ from absl import app, logging
 
 from tdmpc_jax.checkpoints.errors import CheckpointError
 
-USER_ERRORS = (CheckpointError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError, RuntimeError)
+USER_ERRORS = (CheckpointError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError, RuntimeError,
+               FloatingPointError)
 
 
 def run(main):

@@ -185,19 +185,21 @@ def official_task_dim(task_set: Optional[str], model_size: Optional[int]) -> int
     return 64
 
 
-def make_model_config(model_size: int = 1, task_set: Optional[str] = "mt30", *,
+def make_model_config(size: int = 1, task_set: Optional[str] = "mt30", *,
                       obs_dim: Optional[int] = None, action_dim: Optional[int] = None,
                       **overrides) -> ModelConfig:
-    """The official architecture for (model_size, task_set); single-task needs obs/action dims."""
-    if model_size not in MODEL_SIZES:
-        raise ValueError(f"unknown model size {model_size} (known: {sorted(MODEL_SIZES)})")
-    spec = MODEL_SIZES[model_size]
+    """The official architecture for (size, task_set); single-task needs obs/action dims.
+
+    `overrides` replace any field (pass model_size=None when the result is no official size)."""
+    if size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {size} (known: {sorted(MODEL_SIZES)})")
+    spec = MODEL_SIZES[size]
     latent = spec.latent_dim
-    if task_set == "mt30" and model_size == 19:
+    if task_set == "mt30" and size == 19:
         latent = 512  # official quirk
     kw = dict(enc_dim=spec.enc_dim, mlp_dim=spec.mlp_dim, latent_dim=latent,
               num_enc_layers=spec.num_enc_layers, num_q=spec.num_q,
-              task_dim=official_task_dim(task_set, model_size), model_size=model_size)
+              task_dim=official_task_dim(task_set, size), model_size=size)
     if task_set is not None:
         ts = get_task_set(task_set)
         kw.update(tasks=ts.tasks, action_dims=ts.action_dims, obs_dims=ts.obs_dims,
@@ -209,3 +211,51 @@ def make_model_config(model_size: int = 1, task_set: Optional[str] = "mt30", *,
         kw.update(obs_dim=obs_dim, action_dim=action_dim)
     kw.update(overrides)
     return ModelConfig(**kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Offline/online TD-MPC2 update hyper-parameters (official defaults) and distillation terms."""
+
+    batch_size: int = 256
+    horizon: int = 3
+    lr: float = 3e-4
+    enc_lr_scale: float = 0.3
+    pi_adam_eps: float = 1e-5
+    grad_clip_norm: float = 20.0
+    tau: float = 0.01
+    rho: float = 0.5
+    consistency_coef: float = 20.0
+    reward_coef: float = 0.1
+    value_coef: float = 0.1
+    entropy_coef: float = 1e-4
+    scale_tau: float = 0.01
+    policy_loss: str = "new"  # 'new' (tdmpc2 HEAD) or 'old' (2023 code, TD-MPC-Opt fork)
+    # distillation (TD-MPC-Opt): coef x MSE(student reward, teacher reward) on t=0; extras optional
+    distill_coef: float = 0.0
+    distill_reward_kl_coef: float = 0.0
+    distill_q_coef: float = 0.0
+    distill_policy_coef: float = 0.0
+    distill_temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.policy_loss not in ("new", "old"):
+            raise ValueError(f"policy_loss must be 'new' or 'old', got {self.policy_loss!r}")
+        if self.batch_size < 1 or self.horizon < 1:
+            raise ValueError("batch_size and horizon must be >= 1")
+        for f in ("distill_coef", "distill_reward_kl_coef", "distill_q_coef", "distill_policy_coef"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"{f} must be >= 0")
+
+    @property
+    def uses_teacher(self) -> bool:
+        return any(getattr(self, f) > 0 for f in ("distill_coef", "distill_reward_kl_coef", "distill_q_coef",
+                                                   "distill_policy_coef"))
+
+
+def config_from_spec(spec: str, task_set: Optional[str], **kw) -> ModelConfig:
+    """'1'/'5'/... -> the official size; 'enc,mlp,latent' -> that (non-official) architecture."""
+    if "," in spec:
+        enc, mlp, latent = (int(x) for x in spec.split(","))
+        return make_model_config(1, task_set, enc_dim=enc, mlp_dim=mlp, latent_dim=latent, model_size=None, **kw)
+    return make_model_config(int(spec), task_set, **kw)

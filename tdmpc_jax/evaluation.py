@@ -62,8 +62,11 @@ class EpisodeResult:
 
 def run_episodes(agent: Agent, slots: Sequence[tuple], pcfg: PlannerConfig, seed: int = 1,
                  eval_mode: bool = True, num_workers: int = 0, progress: bool = True,
-                 record_actions: bool = False):
-    """Play every slot (task, env_seed, episode_index) to the end in lock-step. -> (returns, actions)."""
+                 record_actions: bool = False, on_step=None):
+    """Play every slot (task, env_seed, episode_index) to the end in lock-step. -> (returns, actions).
+
+    on_step(t, obs, actions, rewards, next_obs, dones), if given, sees every lock-step transition.
+    """
     cfg = agent.config
     params = jax.tree_util.tree_map(jnp.asarray, agent.params)
     task_ids = jnp.asarray([cfg.task_index(t) if cfg.multitask else 0 for t, _, _ in slots], jnp.int32)
@@ -86,7 +89,10 @@ def run_episodes(agent: Agent, slots: Sequence[tuple], pcfg: PlannerConfig, seed
                 raise FloatingPointError(f"planner produced non-finite actions at step {t}")
             if record_actions:
                 actions_log.append(act)
-            obs, rew, done = env.step(act)
+            next_obs, rew, done = env.step(act)
+            if on_step is not None:
+                on_step(t, obs, act, rew, next_obs, done)
+            obs = next_obs
             returns += rew
             now = time.perf_counter()
             if progress and (now - last_print > 2.0 or t + 1 == length):

@@ -2,6 +2,8 @@
 import os
 
 os.environ.setdefault("MUJOCO_GL", "disable")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # 2 CPU devices for data-parallel tests
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
 
 import pytest
 

@@ -26,6 +26,12 @@ def test_roundtrip_identical(tmp_path, released_agent):
     np.testing.assert_array_equal(z, released_agent.encode(np.zeros((2, 24), np.float32), 3))
 
 
+def test_relative_path(tmp_path, released_agent, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    released_agent.save("rel/ckpt")
+    assert tdmpc_jax.load_checkpoint("rel/ckpt").num_params()["learnable"] == 1_426_427
+
+
 def test_save_replaces_existing_atomically(tmp_path, released_agent):
     d = tmp_path / "ckpt"
     released_agent.save(d)

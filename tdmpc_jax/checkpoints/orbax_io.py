@@ -81,6 +81,7 @@ def load_orbax(directory):
     The trees are as saved (see metadata['param_format']); `quantize.dequantize` gives fp32.
     """
     from tdmpc_jax import networks, quantize
+    directory = os.path.abspath(os.fspath(directory))
     meta = read_metadata(directory)
     try:
         cfg = ModelConfig.from_dict(meta["config"])

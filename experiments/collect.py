@@ -1,0 +1,36 @@
+"""Write a dataset by running a checkpoint on tasks (planner or policy prior, exploration noise on).
+
+  python experiments/collect.py --checkpoint=PATH --tasks=cartpole-balance,cup-catch --episodes=20 \
+      --mpc=false --output=data/small
+"""
+from absl import flags
+
+from tdmpc_jax import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "agent checkpoint", required=True)
+flags.DEFINE_string("tasks", None, "mt30 or comma-separated task names", required=True)
+flags.DEFINE_integer("episodes", 10, "episodes per task")
+flags.DEFINE_bool("mpc", False, "act with MPPI (default: policy prior)")
+flags.DEFINE_bool("eval_mode", False, "no exploration noise")
+flags.DEFINE_integer("seed", 1, "seed")
+flags.DEFINE_string("output", None, "dataset directory to write", required=True)
+
+
+def main(argv):
+    del argv
+    import tdmpc_jax
+    from tdmpc_jax.data.collect import collect
+    from tdmpc_jax.planner import PlannerConfig
+    from tdmpc_jax.results_io import check_writable_dir
+    import os
+    check_writable_dir(os.path.dirname(os.path.abspath(FLAGS.output)))
+    agent = tdmpc_jax.load_checkpoint(FLAGS.checkpoint)
+    ds = collect(agent, FLAGS.tasks, FLAGS.episodes, FLAGS.output, PlannerConfig(mpc=FLAGS.mpc), FLAGS.seed,
+                 FLAGS.eval_mode)
+    print(f"wrote {ds.num_episodes} episodes ({ds.num_steps} steps) to {FLAGS.output}; mean returns "
+          + ", ".join(f"{t} {r:.0f}" for t, r in ds.meta_returns.items()))
+
+
+if __name__ == "__main__":
+    cli.run(main)

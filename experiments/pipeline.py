@@ -1,0 +1,128 @@
+"""`make distill`: teacher -> dataset -> distilled and from-scratch students -> int8 -> evaluation table.
+
+  python experiments/pipeline.py                      # embedded default: checkpoints/teacher-mt4, minutes on a CPU
+  python experiments/pipeline.py --teacher=mt30-317M.pt --data=data/mt30 --student_size=1 --steps=1000000
+Every stage skips work already done in --output (a killed run restarts where it stopped; training
+resumes from its last checkpoint). Results: OUT/table.md, OUT/results.json, OUT/compare.png.
+"""
+import json
+import os
+import time
+
+from absl import flags
+
+from tdmpc_jax import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = flags.FLAGS
+flags.DEFINE_string("teacher", os.path.join(REPO, "checkpoints", "teacher-mt4"), "teacher checkpoint")
+flags.DEFINE_string("data", None, "existing dataset dir (default: collect one with the teacher)")
+flags.DEFINE_string("output", os.path.join(REPO, "runs", "distill"), "output directory")
+flags.DEFINE_integer("collect_episodes", 8, "episodes per task collected with the teacher")
+flags.DEFINE_string("student_size", "32,48,16", "student: official size or enc,mlp,latent dims")
+flags.DEFINE_integer("steps", 3000, "updates for each student")
+flags.DEFINE_integer("batch_size", 256, "batch size")
+flags.DEFINE_float("coef", 0.4, "reward-distillation coefficient")
+flags.DEFINE_string("tasks", None, "evaluation tasks (default: the teacher's)")
+flags.DEFINE_integer("episodes", 5, "evaluation episodes per task")
+flags.DEFINE_bool("mpc", True, "evaluate with MPPI (false: the policy prior, much cheaper)")
+flags.DEFINE_integer("iterations", 4, "MPPI iterations for the evaluation (official: 6)")
+flags.DEFINE_integer("num_samples", 256, "MPPI samples for the evaluation (official: 512)")
+flags.DEFINE_integer("seed", 1, "seed")
+
+
+def main(argv):
+    del argv
+    import tdmpc_jax
+    from tdmpc_jax.config import TrainConfig
+    from tdmpc_jax.data import Dataset, DatasetError
+    from tdmpc_jax.data.collect import collect
+    from tdmpc_jax.evaluation import evaluate, resolve_tasks
+    from tdmpc_jax.offline import RunConfig, train_offline
+    from tdmpc_jax.planner import PlannerConfig
+    from tdmpc_jax.plots import compare_runs
+    from tdmpc_jax.results_io import check_writable_dir, write_results
+    from tdmpc_jax.config import config_from_spec
+
+    out = FLAGS.output
+    check_writable_dir(out)
+    teacher = tdmpc_jax.load_checkpoint(FLAGS.teacher)
+    tasks = resolve_tasks(teacher, FLAGS.tasks or list(teacher.config.tasks))
+    print(f"[1/5] teacher {FLAGS.teacher}: {teacher.num_params()['learnable']:,} parameters, tasks {', '.join(tasks)}")
+    data_dir = FLAGS.data or os.path.join(out, "data")
+    try:
+        ds = Dataset(data_dir)
+        print(f"[2/5] dataset {data_dir}: {ds.num_episodes} episodes (reused)")
+    except DatasetError:
+        if FLAGS.data:
+            raise
+        print(f"[2/5] collecting {FLAGS.collect_episodes} episodes per task with the teacher ...", flush=True)
+        ds = collect(teacher, tasks, FLAGS.collect_episodes, data_dir, PlannerConfig(mpc=False), FLAGS.seed)
+    cfg = config_from_spec(FLAGS.student_size, teacher.config.task_set) if teacher.config.task_set else \
+        _custom_student(teacher.config, FLAGS.student_size)
+    run = RunConfig(steps=FLAGS.steps, seed=FLAGS.seed, log_every=max(1, FLAGS.steps // 40),
+                    checkpoint_every=max(1, FLAGS.steps // 5))
+    students = {}
+    for name, coef in (("distilled", FLAGS.coef), ("scratch", 0.0)):
+        print(f"[3/5] training the {name} student ({FLAGS.steps} updates) ...", flush=True)
+        tcfg = TrainConfig(batch_size=FLAGS.batch_size, distill_coef=coef)
+        students[name], _ = train_offline(cfg, tcfg, ds, os.path.join(out, name), run,
+                                          teacher if coef > 0 else None)
+    print("[4/5] quantizing the distilled student to int8 ...", flush=True)
+    qdir = students["distilled"].save(os.path.join(out, "distilled-int8"), fmt="int8")
+    agents = {"teacher": teacher, "distilled": students["distilled"], "scratch": students["scratch"],
+              "distilled-int8": tdmpc_jax.load_checkpoint(qdir)}
+    pcfg = PlannerConfig(mpc=FLAGS.mpc, iterations=FLAGS.iterations, num_samples=FLAGS.num_samples,
+                         num_elites=min(64, FLAGS.num_samples // 8), num_pi_trajs=min(24, FLAGS.num_samples // 16))
+    print(f"[5/5] evaluating {len(agents)} agents x {len(tasks)} tasks x {FLAGS.episodes} episodes "
+          f"({'MPPI ' + str(FLAGS.iterations) + 'x' + str(FLAGS.num_samples) if FLAGS.mpc else 'policy prior'}) ...",
+          flush=True)
+    results = {}
+    for name, agent in agents.items():
+        t0 = time.perf_counter()
+        results[name] = evaluate(agent, tasks, FLAGS.episodes, FLAGS.seed, pcfg, progress=False)
+        print(f"  {name}: normalized score {results[name]['normalized_score']:.1f} "
+              f"({time.perf_counter() - t0:.0f}s)", flush=True)
+        write_results(os.path.join(out, "eval", name), results[name])
+    table = _table(results, agents, tasks)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({k: {"normalized_score": v["normalized_score"], "ci95": v["normalized_score_ci95"],
+                       "tasks": {t: {"mean": r["mean"], "std": r["std"], "ci95_score": r["score_ci95"]}
+                                 for t, r in v["tasks"].items()}} for k, v in results.items()}, f, indent=1)
+    compare_runs(results, os.path.join(out, "compare.png"), "teacher vs students")
+    with open(os.path.join(out, "settings.json"), "w") as f:
+        json.dump({k: getattr(FLAGS, k) for k in ("teacher", "data", "collect_episodes", "student_size", "steps",
+                                                  "batch_size", "coef", "episodes", "mpc", "iterations",
+                                                  "num_samples", "seed")}, f, indent=1)
+    print(table)
+    print(f"\nwrote {out}/table.md, results.json, compare.png")
+
+
+def _custom_student(tc, spec):
+    import dataclasses
+    if "," not in spec:
+        raise ValueError("a teacher with a custom task list needs --student_size=enc,mlp,latent")
+    enc, mlp, latent = (int(x) for x in spec.split(","))
+    return dataclasses.replace(tc, enc_dim=enc, mlp_dim=mlp, latent_dim=latent, model_size=None)
+
+
+def _table(results, agents, tasks):
+    head = "| task | " + " | ".join(f"{n} ({agents[n].num_params()['learnable']:,} params)" for n in results) + " |"
+    lines = [head, "|---|" + "---|" * len(results)]
+    for t in tasks:
+        cells = []
+        for n in results:
+            r = results[n]["tasks"][t]
+            lo, hi = r["score_ci95"]
+            cells.append(f"{r['mean']:.0f} ± {r['std']:.0f} (CI {lo * 10:.0f}-{hi * 10:.0f})")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines.append("| **normalized score** | " + " | ".join(
+        f"**{results[n]['normalized_score']:.1f}** ({results[n]['normalized_score_ci95'][0]:.1f}-"
+        f"{results[n]['normalized_score_ci95'][1]:.1f})" for n in results) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    cli.run(main)

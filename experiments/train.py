@@ -1,0 +1,48 @@
+"""Online TD-MPC2 training (single- or multi-task) in our environments.
+
+  python experiments/train.py --tasks=cartpole-balance --episodes=20 --output=runs/cartpole
+  python experiments/train.py --tasks=cartpole-balance,pendulum-spin,reacher-easy --size=64,96,32 ...
+Resumes from DIR after a kill; writes metrics.jsonl, curve.png and DIR/agent (Orbax).
+"""
+from absl import flags
+
+from tdmpc_jax import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("tasks", None, "comma-separated MT30 task names", required=True)
+flags.DEFINE_string("output", None, "run directory", required=True)
+flags.DEFINE_integer("episodes", 10, "episodes per task")
+flags.DEFINE_string("size", "1", "official size (1/5/...) or enc,mlp,latent dims, e.g. 64,96,32")
+flags.DEFINE_integer("batch_size", 256, "batch size")
+flags.DEFINE_float("utd", 1.0, "updates per environment step")
+flags.DEFINE_integer("seed_steps", 0, "random-action steps before learning (0: official max(1000, 5 x 500))")
+flags.DEFINE_bool("mpc", False, "act with MPPI (default: policy prior with exploration)")
+flags.DEFINE_integer("eval_every", 1, "evaluate every N episodes")
+flags.DEFINE_integer("eval_episodes", 2, "evaluation episodes per task")
+flags.DEFINE_integer("seed", 1, "seed")
+
+
+def main(argv):
+    del argv
+    from tdmpc_jax.config import MODEL_SIZES, TrainConfig
+    from tdmpc_jax.online import OnlineConfig, task_config, train_online
+    from tdmpc_jax.results_io import check_writable_dir
+    check_writable_dir(FLAGS.output)
+    tasks = [t for t in FLAGS.tasks.split(",") if t]
+    if "," in FLAGS.size:
+        enc, mlp, latent = (int(x) for x in FLAGS.size.split(","))
+        size_kw = dict(enc_dim=enc, mlp_dim=mlp, latent_dim=latent)
+    else:
+        s = MODEL_SIZES[int(FLAGS.size)]
+        size_kw = dict(enc_dim=s.enc_dim, mlp_dim=s.mlp_dim, latent_dim=s.latent_dim,
+                       num_enc_layers=s.num_enc_layers, num_q=s.num_q, task_dim=96)
+    cfg = task_config(tasks, size_kw)
+    agent = train_online(cfg, TrainConfig(batch_size=FLAGS.batch_size),
+                         OnlineConfig(tasks=tasks, episodes=FLAGS.episodes, seed_steps=FLAGS.seed_steps,
+                                      utd=FLAGS.utd, mpc=FLAGS.mpc, eval_every=FLAGS.eval_every,
+                                      eval_episodes=FLAGS.eval_episodes, seed=FLAGS.seed), FLAGS.output)
+    print(f"agent in {FLAGS.output}/agent ({agent.num_params()['learnable']:,} parameters)")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,41 @@
+"""Write a dataset by running a checkpoint (planner or policy prior, with exploration) on tasks."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from tdmpc_jax.agent import Agent
+from tdmpc_jax.data.dataset import Dataset, DatasetWriter
+from tdmpc_jax.evaluation import check_dims, resolve_tasks, run_episodes
+from tdmpc_jax.planner import PlannerConfig
+
+
+def collect(agent: Agent, tasks, episodes: int, out_path, pcfg: PlannerConfig, seed: int = 1,
+            eval_mode: bool = False, progress: bool = True) -> Dataset:
+    """`episodes` episodes per task (batched); eval_mode=False adds the planner's exploration noise."""
+    cfg = agent.config
+    tasks = resolve_tasks(agent, tasks)
+    check_dims(agent, tasks)
+    slots = [(t, seed, e) for t in tasks for e in range(episodes)]
+    n = len(slots)
+    obs_l, act_l, rew_l = [], [], []
+
+    def on_step(t, obs, act, rew, next_obs, done):
+        if t == 0:
+            obs_l.append(obs.copy())
+            act_l.append(np.full_like(act, np.nan))
+            rew_l.append(np.full(n, np.nan, np.float32))
+        obs_l.append(next_obs.copy())
+        act_l.append(act.copy())
+        rew_l.append(rew.copy())
+
+    returns, _ = run_episodes(agent, slots, pcfg, seed, eval_mode, progress=progress, on_step=on_step)
+    obs, act, rew = np.stack(obs_l, 1), np.stack(act_l, 1), np.stack(rew_l, 1)  # (n, T+1, ...)
+    with DatasetWriter(out_path, cfg.obs_dim, cfg.action_dim, cfg.tasks if cfg.multitask else tasks,
+                       cfg.task_set) as w:
+        for i, (task, _, _) in enumerate(slots):
+            w.add_episode(obs[i], act[i], rew[i], cfg.task_index(task) if cfg.multitask else 0)
+    ds = Dataset(out_path)
+    ds.meta_returns = {t: float(np.mean(returns[[j for j, s in enumerate(slots) if s[0] == t]])) for t in tasks}
+    return ds

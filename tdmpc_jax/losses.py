@@ -1,0 +1,172 @@
+"""TD-MPC2 losses as pure functions, built by `make_losses` (brax style).
+
+World-model loss (reference doc §3.2-3.3): consistency, reward and value (TD targets from the target
+Qs with a sampled policy action) with rho^t weighting, plus TD-MPC-Opt's distillation term(s).
+Policy loss (§3.5): Q_avg of a sampled action scaled by a RunningScale, with the 'new' scaled
+entropy or the 'old' log-prob. Differences from the official code, on purpose:
+* distillation reuses the student's z_0 instead of a second identical encode (same value and gradient);
+* the policy loss does not leak task-embedding gradients into the next model step (new-code quirk).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from tdmpc_jax import math as tmath
+from tdmpc_jax import networks
+from tdmpc_jax.config import ModelConfig, TrainConfig
+
+
+class Batch(NamedTuple):
+    obs: jax.Array     # (H+1, B, O)
+    action: jax.Array  # (H, B, A)
+    reward: jax.Array  # (H, B)
+    task: jax.Array    # (B,) int32
+
+
+class Losses(NamedTuple):
+    world_model: callable  # (params, target_qs, batch, key, teacher_params) -> (loss, (metrics, zs))
+    policy: callable       # (pi_params, params, zs, task, scale, key) -> (loss, (metrics, new_scale))
+
+
+def running_scale_update(value, x, tau: float = 0.01):
+    """RunningScale: value += tau * (max(P95 - P5, 1) - value), percentiles by linear interpolation."""
+    x = jnp.sort(x.reshape(-1))
+    n = x.shape[0]
+
+    def pct(p):
+        pos = p * (n - 1) / 100.0
+        lo = jnp.floor(pos).astype(jnp.int32)
+        hi = jnp.minimum(lo + 1, n - 1)
+        w = pos - lo
+        return x[lo] * (1 - w) + x[hi] * w
+    new = jnp.maximum(pct(95.0) - pct(5.0), 1.0)
+    return value + tau * (new - value)
+
+
+def discounts(cfg: ModelConfig):
+    from tdmpc_jax.planner import discounts as d
+    return d(cfg)
+
+
+def make_losses(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[ModelConfig] = None) -> Losses:
+    H, nb, lo, hi = tcfg.horizon, cfg.num_bins, cfg.vmin, cfg.vmax
+    rho = jnp.asarray([tcfg.rho ** t for t in range(H + 1)], jnp.float32)
+    masks = networks.action_masks(cfg)
+    gammas = discounts(cfg)
+    if tcfg.uses_teacher and teacher_cfg is None:
+        raise ValueError("distillation coefficients > 0 need a teacher config")
+
+    def embed_seq(params, task, T):
+        e = networks.embed(cfg, params, task)
+        return None if e is None else jnp.broadcast_to(e, (T,) + e.shape)
+
+    def task_mask(task):
+        return masks[task] if cfg.multitask else jnp.ones((task.shape[0], cfg.action_dim))
+
+    def world_model(params, target_qs, batch: Batch, key, teacher_params=None):
+        k_pi, k_qsel, k_drop = jax.random.split(key, 3)
+        B = batch.task.shape[0]
+        mask = task_mask(batch.task)
+        gamma = gammas[batch.task] if cfg.multitask else gammas[0]
+        # targets (no gradient; eval mode)
+        sg = jax.lax.stop_gradient(params)
+        emb_next = embed_seq(sg, batch.task, H)
+        next_z = networks.encode(cfg, sg, batch.obs[1:], emb_next)  # (H, B, L)
+        mask_h = jnp.broadcast_to(mask, (H,) + mask.shape)
+        a_next, _, _ = networks.pi_sample(cfg, sg, next_z, emb_next, mask_h, k_pi)
+        tq = target_qs
+        if cfg.num_q > 2:
+            idx = jax.random.permutation(k_qsel, cfg.num_q)[:2]
+            tq = jax.tree_util.tree_map(lambda x: x[idx], target_qs)
+        q_next = networks.q_values(cfg, tq, next_z, a_next, emb_next).min(0)  # (H, B)
+        td_target = jax.lax.stop_gradient(batch.reward + gamma * q_next)
+        # latent rollout
+        emb = networks.embed(cfg, params, batch.task)
+        z = networks.encode(cfg, params, batch.obs[0], emb)
+        zs, consistency = [z], 0.0
+        for t in range(H):
+            z = networks.next_latent(cfg, params, z, batch.action[t], emb)
+            consistency += rho[t] * jnp.mean((z - next_z[t]) ** 2)
+            zs.append(z)
+        zs = jnp.stack(zs)  # (H+1, B, L)
+        emb_h = embed_seq(params, batch.task, H)
+        r_logits = networks.reward_logits(cfg, params, zs[:-1], batch.action, emb_h)  # (H, B, nb)
+        q_logits = networks.q_logits(cfg, params["qs"], zs[:-1], batch.action, emb_h, dropout_key=k_drop)
+        reward_loss = jnp.sum(rho[:H] * tmath.soft_ce(r_logits, batch.reward, nb, lo, hi).mean(-1))
+        value_loss = jnp.sum(rho[:H] * tmath.soft_ce(q_logits, td_target[None], nb, lo, hi).mean(-1))
+        consistency, reward_loss = consistency / H, reward_loss / H
+        value_loss = value_loss / (H * cfg.num_q)
+        total = (tcfg.consistency_coef * consistency + tcfg.reward_coef * reward_loss
+                 + tcfg.value_coef * value_loss)
+        metrics = {"consistency_loss": consistency, "reward_loss": reward_loss, "value_loss": value_loss}
+        if tcfg.uses_teacher:
+            d_total, d_metrics = distillation(params, zs[0], emb, batch, mask, teacher_params)
+            total = total + d_total
+            metrics.update(d_metrics)
+        metrics["total_loss"] = total
+        return total, (metrics, jax.lax.stop_gradient(zs))
+
+    def distillation(params, z0, emb, batch, mask, teacher_params):
+        tc = teacher_cfg
+        t_emb = networks.embed(tc, teacher_params, batch.task)
+        t_z = networks.encode(tc, teacher_params, batch.obs[0], t_emb)
+        t_logits = networks.reward_logits(tc, teacher_params, t_z, batch.action[0], t_emb)
+        s_logits = networks.reward_logits(cfg, params, z0, batch.action[0], emb)
+        r_t = tmath.two_hot_inv(t_logits, tc.vmin, tc.vmax)
+        r_s = tmath.two_hot_inv(s_logits, cfg.vmin, cfg.vmax)
+        out = {"distill_reward_mse": jnp.mean((r_s - r_t) ** 2)}
+        total = tcfg.distill_coef * out["distill_reward_mse"]
+        if tcfg.distill_reward_kl_coef > 0:
+            T = tcfg.distill_temperature
+            pt = jax.nn.softmax(t_logits / T, -1)
+            kl = jnp.sum(pt * (jnp.log(pt + 1e-12) - jax.nn.log_softmax(s_logits / T, -1)), -1).mean() * T * T
+            out["distill_reward_kl"] = kl
+            total += tcfg.distill_reward_kl_coef * kl
+        if tcfg.distill_q_coef > 0:
+            q_t = networks.q_values(tc, teacher_params["qs"], t_z, batch.action[0], t_emb).mean(0)
+            q_s = networks.q_values(cfg, params["qs"], z0, batch.action[0], emb).mean(0)
+            out["distill_q_mse"] = jnp.mean((q_s - q_t) ** 2)
+            total += tcfg.distill_q_coef * out["distill_q_mse"]
+        if tcfg.distill_policy_coef > 0:
+            m_t, _ = networks.pi_dist(tc, teacher_params, t_z, t_emb, mask)
+            m_s, _ = networks.pi_dist(cfg, params, z0, emb, mask)
+            out["distill_policy_mse"] = jnp.mean((jnp.tanh(m_s) - jnp.tanh(m_t)) ** 2)
+            total += tcfg.distill_policy_coef * out["distill_policy_mse"]
+        return total, out
+
+    def policy(pi_params, params, zs, task, scale, key):
+        k_pi, k_qsel, k_drop = jax.random.split(key, 3)
+        p = dict(jax.lax.stop_gradient(params), pi_head=pi_params)
+        T1 = zs.shape[0]
+        emb = embed_seq(jax.lax.stop_gradient(params), task, T1)
+        mask = jnp.broadcast_to(task_mask(task), (T1,) + task_mask(task).shape)
+        mean, log_std = networks.pi_dist(cfg, p, zs, emb, mask)
+        eps = jax.random.normal(k_pi, mean.shape) * mask
+        action = jnp.tanh(mean + eps * jnp.exp(log_std))
+        logp = tmath.gaussian_logprob(eps, log_std)  # pre-squash, summed over all A dims
+        qs = p["qs"]
+        if cfg.num_q > 2:
+            idx = jax.random.permutation(k_qsel, cfg.num_q)[:2]
+            qs = jax.tree_util.tree_map(lambda x: x[idx], qs)
+        q = networks.q_values(cfg, qs, zs, action, emb, dropout_key=k_drop).mean(0)  # (H+1, B)
+        new_scale = running_scale_update(scale, jax.lax.stop_gradient(q[0]), tcfg.scale_tau)
+        q = q / new_scale
+        if tcfg.policy_loss == "new":
+            dims = mask.sum(-1)
+            scaled_entropy = -logp * dims
+            per_t = jnp.mean(-(tcfg.entropy_coef * scaled_entropy + q), axis=-1)
+            entropy = jnp.mean(scaled_entropy)
+        else:
+            dims = mask.sum(-1)
+            old_logp = (jnp.sum(-0.5 * eps ** 2 - log_std, -1) - tmath.LOG_SQRT_2PI) * dims \
+                - tmath.squash_correction(action)
+            per_t = jnp.mean(tcfg.entropy_coef * old_logp - q, axis=-1)
+            entropy = -jnp.mean(old_logp)
+        loss = jnp.mean(rho[:T1] * per_t)
+        return loss, ({"pi_loss": loss, "pi_entropy": entropy, "pi_scale": new_scale,
+                       "pi_log_std": jnp.mean(log_std)}, new_scale)
+
+    return Losses(world_model, policy)

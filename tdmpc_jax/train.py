@@ -1,0 +1,144 @@
+"""Train state and the TD-MPC2 update: one jitted step, data-parallel over a device mesh.
+
+`make_train_step(cfg, tcfg, teacher_cfg, mesh)` returns step(state, batch, teacher_params) -> (state,
+metrics). With a mesh of several devices the batch is sharded along its batch axis and params are
+replicated; XLA all-reduces the gradients, so the result equals one device on the same global batch.
+Multi-host: call `init_distributed(...)` first; the mesh then spans every process's devices.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from tdmpc_jax import networks
+from tdmpc_jax.config import ModelConfig, TrainConfig
+from tdmpc_jax.losses import Batch, make_losses
+
+
+class TrainState(NamedTuple):
+    params: Any          # world model incl. pi_head
+    target_qs: Any
+    wm_opt: Any          # optimizer state of everything but pi_head
+    pi_opt: Any          # optimizer state of pi_head
+    scale: jax.Array     # RunningScale value
+    step: jax.Array
+
+
+def split_pi(params):
+    return {k: v for k, v in params.items() if k != "pi_head"}, params["pi_head"]
+
+
+def make_optimizers(tcfg: TrainConfig):
+    """Main Adam (encoder lr x enc_lr_scale) and pi Adam (eps 1e-5), each after global-norm clip 20."""
+    labels = lambda tree: {k: jax.tree_util.tree_map(lambda _: "enc" if k == "encoder" else "other", v)
+                           for k, v in tree.items()}
+    wm = optax.chain(optax.clip_by_global_norm(tcfg.grad_clip_norm),
+                     optax.multi_transform({"enc": optax.adam(tcfg.lr * tcfg.enc_lr_scale),
+                                            "other": optax.adam(tcfg.lr)}, labels))
+    pi = optax.chain(optax.clip_by_global_norm(tcfg.grad_clip_norm), optax.adam(tcfg.lr, eps=tcfg.pi_adam_eps))
+    return wm, pi
+
+
+def init_train_state(cfg: ModelConfig, tcfg: TrainConfig, key=None, params=None, target_qs=None) -> TrainState:
+    if params is None:
+        params, target_qs = networks.init_params(cfg, key)
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+    target_qs = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), target_qs)
+    wm, pi = make_optimizers(tcfg)
+    rest, pi_params = split_pi(params)
+    return TrainState(params, target_qs, wm.init(rest), pi.init(pi_params), jnp.float32(1.0), jnp.int32(0))
+
+
+def make_update(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[ModelConfig] = None):
+    """The pure update: (state, batch, key, teacher_params) -> (state, metrics)."""
+    losses = make_losses(cfg, tcfg, teacher_cfg)
+    wm_opt, pi_opt = make_optimizers(tcfg)
+
+    def update(state: TrainState, batch: Batch, key, teacher_params=None):
+        k_wm, k_pi = jax.random.split(key)
+        rest, pi_params = split_pi(state.params)
+
+        def wm_loss(rest):
+            return losses.world_model(dict(rest, pi_head=pi_params), state.target_qs, batch, k_wm, teacher_params)
+        (loss, (metrics, zs)), grads = jax.value_and_grad(wm_loss, has_aux=True)(rest)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        upd, wm_state = wm_opt.update(grads, state.wm_opt, rest)
+        rest = optax.apply_updates(rest, upd)
+        params = dict(rest, pi_head=pi_params)
+        (pi_loss, (pi_metrics, scale)), pi_grads = jax.value_and_grad(losses.policy, has_aux=True)(
+            pi_params, params, zs, batch.task, state.scale, k_pi)
+        pi_upd, pi_state = pi_opt.update(pi_grads, state.pi_opt, pi_params)
+        params = dict(rest, pi_head=optax.apply_updates(pi_params, pi_upd))
+        target = jax.tree_util.tree_map(lambda t, o: (1 - tcfg.tau) * t + tcfg.tau * o, state.target_qs, params["qs"])
+        metrics.update(pi_metrics)
+        return TrainState(params, target, wm_state, pi_state, scale, state.step + 1), metrics
+
+    return update
+
+
+def make_mesh(devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def batch_sharding(mesh: Mesh) -> Batch:
+    """obs/action/reward shard their batch axis (1), task its only axis."""
+    return Batch(NamedSharding(mesh, P(None, "data")), NamedSharding(mesh, P(None, "data")),
+                 NamedSharding(mesh, P(None, "data")), NamedSharding(mesh, P("data")))
+
+
+def make_train_step(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[ModelConfig] = None,
+                    mesh: Optional[Mesh] = None):
+    """Jitted data-parallel step(state, batch, key, teacher_params) over `mesh` (default: all devices)."""
+    mesh = mesh or make_mesh()
+    n = mesh.devices.size
+    if tcfg.batch_size % n:
+        raise ValueError(f"batch size {tcfg.batch_size} is not divisible by the {n} devices")
+    step = _jitted_update(cfg, tcfg, teacher_cfg, mesh)
+
+    rep = NamedSharding(mesh, P())
+    shard = batch_sharding(mesh)
+
+    def run(state, batch, key, teacher_params=None):
+        """batch: the GLOBAL batch (every process passes the same one; each keeps its own shards)."""
+        batch = Batch(*(_to_global(x, s) for x, s in zip(batch, shard)))
+        state, key, teacher_params = (_globalize(t, rep) for t in (state, key, teacher_params))
+        return step(state, batch, key, teacher_params)
+    run.mesh = mesh
+    return run
+
+
+def _to_global(x, sharding):
+    """A host array (the same on every process) -> a jax.Array laid out by `sharding` over the mesh."""
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+    if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def _globalize(tree, sharding):
+    return None if tree is None else jax.tree_util.tree_map(lambda x: _to_global(x, sharding), tree)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_update(cfg, tcfg, teacher_cfg, mesh):
+    """One compiled step per (configs, mesh) in a process (runs and resumes reuse it)."""
+    rep = NamedSharding(mesh, P())
+    return jax.jit(make_update(cfg, tcfg, teacher_cfg), in_shardings=(rep, batch_sharding(mesh), rep, rep),
+                   out_shardings=(rep, rep), donate_argnums=(0,))
+
+
+def init_distributed(coordinator_address: str, num_processes: int, process_id: int):
+    """Multi-host / multi-process training: afterwards jax.devices() spans every process."""
+    if num_processes > 1:
+        if jax.default_backend() == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)

@@ -1,0 +1,230 @@
+"""Training: data-parallel step == one device, exact resume, NaN stop, learning with a teacher, bad input."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tdmpc_jax
+from tdmpc_jax import train
+from tdmpc_jax.config import TrainConfig
+from tdmpc_jax.data import Dataset, DatasetError, DatasetWriter
+from tdmpc_jax.data.collect import collect
+from tdmpc_jax.losses import Batch
+from tdmpc_jax.offline import RunConfig, load_state, train_offline
+from tdmpc_jax.planner import PlannerConfig
+
+from conftest import FP16_CKPT, REPO
+from losses_test import small_cfg
+
+TASKS = ("cartpole-balance", "pendulum-spin")
+
+
+def mt30_small(**kw):
+    from tdmpc_jax.config import make_model_config
+    return make_model_config(1, "mt30", enc_dim=64, mlp_dim=64, latent_dim=32, task_dim=16, model_size=None, **kw)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, released_agent):
+    path = tmp_path_factory.mktemp("data") / "ds"
+    return collect(released_agent, ",".join(TASKS), 2, path, PlannerConfig(mpc=False), progress=False)
+
+
+def _batch(cfg, seed=0, B=8):
+    rng = np.random.RandomState(seed)
+    return Batch(rng.randn(4, B, cfg.obs_dim).astype(np.float32),
+                 rng.uniform(-1, 1, (3, B, cfg.action_dim)).astype(np.float32),
+                 rng.uniform(0, 2, (3, B)).astype(np.float32), rng.randint(0, cfg.num_tasks, B).astype(np.int32))
+
+
+def test_two_devices_equal_one_device():
+    assert len(jax.devices()) >= 2, "tests run with XLA_FLAGS=--xla_force_host_platform_device_count=2"
+    cfg, tcfg = small_cfg(dropout=0.01), TrainConfig(batch_size=8)
+    outs = []
+    for devs in (jax.devices()[:1], jax.devices()[:2]):
+        state = train.init_train_state(cfg, tcfg, jax.random.PRNGKey(0))
+        step = train.make_train_step(cfg, tcfg, mesh=train.make_mesh(devs))
+        for k in range(3):
+            state, m = step(state, _batch(cfg, k), jax.random.PRNGKey(k))
+        outs.append((state, m))
+    (s1, m1), (s2, m2) = outs
+    assert len(s2.params["encoder"]["layer_0"]["dense"]["kernel"].sharding.device_set) == 2
+    for a, b in zip(jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s2.params)):
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(m1["total_loss"], m2["total_loss"], rtol=1e-5)
+
+
+def test_batch_not_divisible_by_devices():
+    with pytest.raises(ValueError, match="not divisible"):
+        train.make_train_step(small_cfg(), TrainConfig(batch_size=7), mesh=train.make_mesh(jax.devices()[:2]))
+
+
+def test_student_learns_and_moves_towards_teacher(dataset, released_agent, tmp_path):
+    cfg = mt30_small()
+    first_last = {}
+    for coef in (0.45, 0.0):
+        tcfg = TrainConfig(batch_size=64, distill_coef=coef)
+        run = RunConfig(steps=200, log_every=25, checkpoint_every=200, progress=False)
+        # the MSE to the teacher is logged in both runs (coef 0: as a probe, not in the loss)
+        probe = TrainConfig(batch_size=64, distill_coef=coef if coef else 1e-12)
+        train_offline(cfg, probe if coef == 0 else tcfg, dataset, str(tmp_path / str(coef)), run, released_agent)
+        rows = [json.loads(l) for l in open(tmp_path / str(coef) / "metrics.jsonl")]
+        first_last[coef] = (rows[0], rows[-1])
+    first, last = first_last[0.45]
+    for k in ("consistency_loss", "reward_loss", "value_loss", "distill_reward_mse"):
+        assert last[k] < first[k], k
+    distilled = last["distill_reward_mse"]
+    scratch = first_last[0.0][1]["distill_reward_mse"]
+    assert distilled < 0.5 * scratch  # with coef 0 the student's rewards do not track the teacher's
+    assert (tmp_path / "0.45" / "curve.png").exists() and (tmp_path / "0.45" / "metrics.csv").exists()
+    agent = tdmpc_jax.load_checkpoint(tmp_path / "0.45" / "agent")
+    assert agent.config == cfg
+
+
+def test_resume_after_kill_is_exact(dataset, tmp_path):
+    cfg, tcfg = mt30_small(), TrainConfig(batch_size=16)
+    _, full = train_offline(cfg, tcfg, dataset, str(tmp_path / "full"),
+                            RunConfig(steps=6, log_every=3, checkpoint_every=3, progress=False))
+    # "killed" after its checkpoint at step 3 (the run stops there), then started again to 6
+    train_offline(cfg, tcfg, dataset, str(tmp_path / "cut"), RunConfig(steps=3, log_every=3, checkpoint_every=3,
+                                                                       progress=False))
+    _, resumed = train_offline(cfg, tcfg, dataset, str(tmp_path / "cut"),
+                               RunConfig(steps=6, log_every=3, checkpoint_every=3, progress=False))
+    for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(resumed)):
+        np.testing.assert_array_equal(a, b)
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "cut" / "metrics.jsonl")]
+    assert steps == [3, 6]
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(dataset, tmp_path):
+    cfg = mt30_small()
+    out = str(tmp_path / "nan")
+    train_offline(cfg, TrainConfig(batch_size=16), dataset, out, RunConfig(steps=2, log_every=1, checkpoint_every=2,
+                                                                          progress=False))
+    with pytest.raises(FloatingPointError, match="last good checkpoint \\(step 2\\)"):
+        train_offline(cfg, TrainConfig(batch_size=16, lr=1e38), dataset, out,
+                      RunConfig(steps=40, log_every=1, checkpoint_every=100, progress=False))
+    like = train.init_train_state(cfg, TrainConfig(batch_size=16, lr=1e38), jax.random.PRNGKey(0))
+    state, meta = load_state(out, like)
+    assert meta["step"] == 2
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state.params))
+
+
+def test_teacher_student_mismatch(dataset, released_agent, tmp_path):
+    cfg = small_cfg()
+    with pytest.raises(DatasetError, match="dims"):
+        train_offline(cfg, TrainConfig(batch_size=8), dataset, str(tmp_path / "x"), RunConfig(steps=1))
+    from tdmpc_jax.offline import check_teacher
+    with pytest.raises(ValueError, match="different task sets"):
+        check_teacher(small_cfg(), released_agent.config)
+
+
+def test_dataset_roundtrip_sampling_and_bad_files(tmp_path):
+    p = tmp_path / "d"
+    with DatasetWriter(p, 4, 2, ["a", "b"]) as w:
+        for e in range(3):
+            T = 6 + e
+            obs = np.arange(T * 3, dtype=np.float32).reshape(T, 3) + 100 * e
+            act = np.full((T, 2), e, np.float32)
+            act[0] = np.nan
+            rew = np.arange(T, dtype=np.float32)
+            rew[0] = np.nan
+            w.add_episode(obs, act, rew, e % 2)
+    ds = Dataset(p)
+    assert (ds.num_episodes, ds.num_steps) == (3, 21)
+    obs, act, rew, task = ds.sample(np.random.default_rng(0), 32, 3)
+    assert obs.shape == (4, 32, 4) and act.shape == (3, 32, 2) and rew.shape == (3, 32)
+    assert np.all(obs[:, :, 3] == 0)  # zero padded
+    # slices stay inside one episode and follow the storage convention
+    ep = (obs[0, :, 0] // 100).astype(int)
+    np.testing.assert_array_equal(act[0, :, 0], ep)
+    np.testing.assert_array_equal(task, ep % 2)
+    np.testing.assert_array_equal(obs[1, :, 0] - obs[0, :, 0], 3)
+    assert np.all(np.isfinite(rew)) and np.all(rew[1] == rew[0] + 1)
+    # bad files
+    with open(p / "reward.bin", "r+b") as f:
+        f.seek(4 * 3)
+        f.write(np.float32(np.nan).tobytes())
+    with pytest.raises(DatasetError, match="NaN/Inf reward at step 3"):
+        Dataset(p)
+    os.truncate(p / "obs.bin", 10)
+    with pytest.raises(DatasetError, match="obs.bin holds 10 bytes"):
+        Dataset(p)
+    with pytest.raises(DatasetError, match="not a dataset"):
+        Dataset(tmp_path)
+    with pytest.raises(ValueError, match="NaN/Inf outside the filler"):
+        DatasetWriter(tmp_path / "e", 3, 1, ["a"]).add_episode(np.zeros((3, 3)), np.zeros((3, 1)),
+                                                               np.array([0, np.nan, 1]), 0)
+
+
+def test_official_chunk_import(tmp_path):
+    from tdmpc_jax.checkpoints.torch_writer import write_torch_file
+    from tdmpc_jax.data.official_import import import_chunks
+    rng = np.random.RandomState(0)
+    N, T = 3, 11
+    chunk = {"obs": rng.randn(N, T, 24).astype(np.float32), "action": rng.uniform(-1, 1, (N, T, 6)).astype(np.float32),
+             "reward": rng.uniform(0, 1, (N, T)).astype(np.float32), "task": np.repeat([[0], [5], [29]], T, 1).astype(np.int32)}
+    chunk["action"][:, 0] = np.nan
+    chunk["reward"][:, 0] = np.nan
+    files = [write_torch_file(tmp_path / f"chunk_{i}.pt", chunk) for i in range(2)]
+    from tdmpc_jax.config import MT30_TASKS
+    ds = import_chunks(files, tmp_path / "mt30", MT30_TASKS, "mt30", progress=False)
+    assert (ds.num_episodes, ds.num_steps) == (6, 66)
+    np.testing.assert_array_equal(np.asarray(ds.arrays["obs"][11:22]), chunk["obs"][1])
+    bad = dict(chunk, reward=chunk["reward"][:, :5])
+    with pytest.raises(DatasetError, match="disagree"):
+        import_chunks([write_torch_file(tmp_path / "bad.pt", bad)], tmp_path / "x", MT30_TASKS, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_distill_cli_errors(tmp_path, dataset):
+    script = os.path.join(REPO, "experiments", "distill.py")
+    r = subprocess.run([sys.executable, script, f"--data={tmp_path / 'none'}", f"--output={tmp_path / 'o'}"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "not a dataset" in r.stderr
+    r = subprocess.run([sys.executable, script, f"--data={dataset.path}", f"--output={tmp_path / 'o'}",
+                        f"--teacher={FP16_CKPT}", "--student_size=5", "--task_set=mt80", "--steps=1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "different task sets" in r.stderr
+
+
+def test_distill_cli_runs_and_resumes(tmp_path, dataset):
+    script = os.path.join(REPO, "experiments", "distill.py")
+    args = [sys.executable, script, f"--data={dataset.path}", f"--output={tmp_path / 'run'}", f"--teacher={FP16_CKPT}",
+            "--student_size=64,64,32", "--batch_size=16", "--log_every=2", "--checkpoint_every=2"]
+    r = subprocess.run(args + ["--steps=2"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(args + ["--steps=4"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "resuming from step 2" in r.stderr, r.stderr
+    assert "updates/s" in r.stderr and "ETA" in r.stderr
+    assert tdmpc_jax.load_checkpoint(tmp_path / "run" / "agent").metadata["trained_steps"] == 4
+
+
+def test_two_processes_equal_one_device(tmp_path):
+    """jax.distributed with 2 local CPU processes (gloo collectives) == one device, same global batch."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
+    out = tmp_path / "params.npz"
+    procs = [subprocess.Popen([sys.executable, worker, f"127.0.0.1:{port}", "2", str(i), str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    cfg, tcfg = small_cfg(dropout=0.01), TrainConfig(batch_size=8)
+    state = train.init_train_state(cfg, tcfg, jax.random.PRNGKey(0))
+    step = train.make_train_step(cfg, tcfg, mesh=train.make_mesh(jax.devices()[:1]))
+    for k in range(3):
+        state, _ = step(state, _batch(cfg, k), jax.random.PRNGKey(k))
+    got = np.load(out)
+    want = jax.tree_util.tree_leaves(state.params)
+    assert len(got.files) == len(want)
+    for i, w in enumerate(want):
+        np.testing.assert_allclose(got[f"arr_{i}"], w, atol=2e-6, rtol=1e-5)
