@@ -1,0 +1,50 @@
+"""`make distill`'s pipeline on the committed teacher, tiny budget; killed mid-run, then run again."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import tdmpc_jax
+
+from conftest import REPO
+
+SCRIPT = os.path.join(REPO, "experiments", "pipeline.py")
+TEACHER = os.path.join(REPO, "checkpoints", "teacher-mt4")
+
+
+def test_committed_teacher_loads():
+    t = tdmpc_jax.load_checkpoint(TEACHER)
+    assert t.config.tasks == ("cartpole-balance", "cartpole-swingup", "pendulum-spin", "finger-spin")
+    assert t.metadata["env_steps"] == 32000 and t.num_params()["learnable"] == 109_715
+
+
+def test_pipeline_killed_then_rerun(tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, SCRIPT, f"--output={out}", "--steps=60", "--collect_episodes=1", "--episodes=1",
+            "--batch_size=32", "--mpc=false", "--tasks=cartpole-balance,pendulum-spin"]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = ""
+    deadline = time.time() + 600
+    while "training the distilled" not in seen and time.time() < deadline:
+        line = p.stdout.readline()
+        if not line:
+            break
+        seen += line
+    time.sleep(8)  # inside training: compile / first updates / a checkpoint
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert "training the distilled" in seen, seen
+    r = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "(reused)" in r.stdout  # the dataset written before the kill is valid and reused
+    res = json.load(open(out / "results.json"))
+    assert set(res) == {"teacher", "distilled", "scratch", "distilled-int8"}
+    assert set(res["teacher"]["tasks"]) == {"cartpole-balance", "pendulum-spin"}
+    table = (out / "table.md").read_text()
+    assert "normalized score" in table and "distilled-int8" in table
+    assert (out / "compare.png").stat().st_size > 10_000
+    assert tdmpc_jax.load_checkpoint(out / "distilled-int8").metadata["param_format"] == "int8"
+    steps = [json.loads(l)["step"] for l in open(out / "distilled" / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == 60  # no duplicated / stale log lines
