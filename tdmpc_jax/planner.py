@@ -34,6 +34,7 @@ class PlannerConfig:
     max_std: float = 2.0
     mpc: bool = True
     plain: bool = False  # the official computation (task emb concatenated, pi trajectories re-valued)
+    chunk: int = 4       # MPPI problems vmapped together in act_batch (lax.map over chunks keeps caches warm)
 
     def __post_init__(self):
         if self.horizon < 1 or self.iterations < 1 or self.num_elites < 1:
@@ -44,6 +45,8 @@ class PlannerConfig:
             raise ValueError(f"num_elites ({self.num_elites}) exceeds num_samples ({self.num_samples})")
         if not self.min_std <= self.max_std:
             raise ValueError("min_std must be <= max_std")
+        if self.chunk < 1:
+            raise ValueError("chunk must be >= 1")
 
     def iterations_for(self, action_dim: int) -> int:
         return self.iterations + (2 if action_dim >= 20 else 0)
@@ -259,7 +262,10 @@ def act_batch(cfg, pcfg, params, obs, task, state, t0, key, eval_mode=True):
     """`act` vmapped over independent problems: obs (B, O), task (B,), state (B, H, A), t0 (B,)."""
     keys = jax.random.split(key, obs.shape[0])
     fn = lambda o, t, s, f, k: act(cfg, pcfg, params, o, t, s, f, k, eval_mode)
-    return jax.vmap(fn)(obs, task, state, t0, keys)
+    if not pcfg.mpc:
+        return jax.vmap(fn)(obs, task, state, t0, keys)
+    # all problems at once would stream (B x samples x width) activations through memory
+    return jax.lax.map(lambda a: fn(*a), (obs, task, state, t0, keys), batch_size=min(pcfg.chunk, obs.shape[0]))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 8))

@@ -228,3 +228,14 @@ def test_two_processes_equal_one_device(tmp_path):
     assert len(got.files) == len(want)
     for i, w in enumerate(want):
         np.testing.assert_allclose(got[f"arr_{i}"], w, atol=2e-6, rtol=1e-5)
+
+
+def test_tensordict_chunk_imports_without_torch(tmp_path):
+    """tests/data/tensordict_chunk.pt: torch.save(TensorDict(...)) by torch 2.13 + tensordict (3 eps x 11)."""
+    from tdmpc_jax.config import MT30_TASKS
+    from tdmpc_jax.data.official_import import import_chunks, read_chunk
+    path = os.path.join(os.path.dirname(__file__), "data", "tensordict_chunk.pt")
+    c = read_chunk(path)
+    assert c["obs"].shape == (3, 11, 24) and c["task"].dtype == np.int32 and np.isnan(c["reward"][:, 0]).all()
+    ds = import_chunks([path], tmp_path / "td", MT30_TASKS, "mt30", progress=False)
+    assert ds.num_episodes == 3 and sorted(set(np.asarray(ds.arrays["task"]).tolist())) == [0, 5, 29]

@@ -116,6 +116,18 @@ def _rebuild_qtensor(storage, offset, size, stride, qparams, requires_grad=False
     raise ValueError(f"unsupported quantization scheme {scheme!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class _TensorDictClass:
+    """Stand-in for tensordict.TensorDict: a TensorDict pickle rebuilds into a plain dict of arrays."""
+
+
+def _make_td(cls, state):
+    """tensordict's `_make_td(cls, state)`: keep the tensors of state['_tensordict'] (nested dicts)."""
+    if not isinstance(state, dict) or not isinstance(state.get("_tensordict"), dict):
+        raise ValueError("unsupported TensorDict layout")
+    return dict(state["_tensordict"])
+
+
 def _ordered_dict(*args):
     return collections.OrderedDict(*args)
 
@@ -132,6 +144,9 @@ _ALLOWED = {
     ("torch", "per_tensor_affine"): QScheme("per_tensor_affine"),
     ("torch", "per_channel_affine"): QScheme("per_channel_affine"),
     ("torch", "per_channel_affine_float_qparams"): QScheme("per_channel_affine_float_qparams"),
+    # official TD-MPC2 datasets are torch.save'd TensorDicts: their data only, no TensorDict code runs
+    ("tensordict._td", "TensorDict"): _TensorDictClass(),
+    ("tensordict._reductions", "_make_td"): _make_td,
 }
 _ALLOWED.update({("torch", name): _StorageType(name) for name in STORAGE_DTYPES})
 

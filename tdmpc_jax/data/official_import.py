@@ -1,9 +1,10 @@
 """Convert the official TD-MPC2 offline datasets (`chunk_*.pt`, reference doc §5.3) to our format.
 
 A chunk holds obs (N, T, O), action (N, T, A), reward (N, T) and task (N, T) for N episodes of T
-steps (entry 0 of action/reward is filler). Plain dict-of-tensor files are read by our restricted
-unpickler; the official TensorDict pickles need the optional torch + tensordict extra
-(`pip install torch tensordict`), loaded with `weights_only=True` and only TensorDict's classes allowed.
+steps (entry 0 of action/reward is filler). Both plain dict-of-tensor files and TensorDict pickles
+(`tensordict._reductions._make_td`, the current tensordict format) are read by our restricted
+unpickler without torch. Other TensorDict layouts (older tensordict releases) fall back to the
+optional torch + tensordict extra (`pip install torch tensordict`), loaded with `weights_only=True`.
 """
 from __future__ import annotations
 
