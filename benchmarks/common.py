@@ -31,7 +31,6 @@ def time_call(fn, *args, repeats=10, warmup=2):
 def matmul_peak_gflops(n=1024, repeats=10, dtype="float32"):
     """Best fp32 GFLOP/s of a jitted n x n matmul (the roofline denominator)."""
     import jax
-    import jax.numpy as jnp
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
     f = jax.jit(lambda x, y: x @ y)

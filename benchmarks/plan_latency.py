@@ -35,7 +35,6 @@ def main(_):
     pin_cores(FLAGS.cores)
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from benchmarks.common import matmul_peak_gflops, time_call
     from tdmpc_jax import networks, planner

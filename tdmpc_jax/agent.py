@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tdmpc_jax import math as tmath
 from tdmpc_jax import networks, quantize
 from tdmpc_jax.checkpoints import official, orbax_io
 from tdmpc_jax.checkpoints.errors import CheckpointError
@@ -147,7 +146,3 @@ def load_checkpoint(path, compute: str = "fp32", **overrides) -> Agent:
     return Agent(cfg, params, target, {"source": path, "source_format": info["format"], "compute": compute,
                                        "source_dtypes": info["dtypes"],
                                        "quantized_zero_fraction": info["quantized_zero_fraction"]})
-
-
-def decode(logits, cfg: ModelConfig):
-    return tmath.two_hot_inv(logits, cfg.vmin, cfg.vmax)

@@ -53,13 +53,6 @@ def check_dims(agent: Agent, tasks: Sequence[str]):
                              f"match the model's {want}")
 
 
-@dataclasses.dataclass(frozen=True)
-class EpisodeResult:
-    task: str
-    episode: int
-    ret: float
-
-
 def run_episodes(agent: Agent, slots: Sequence[tuple], pcfg: PlannerConfig, seed: int = 1,
                  eval_mode: bool = True, num_workers: int = 0, progress: bool = True,
                  record_actions: bool = False, on_step=None):

@@ -68,7 +68,6 @@ def make_losses(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[Model
 
     def world_model(params, target_qs, batch: Batch, key, teacher_params=None):
         k_pi, k_qsel, k_drop = jax.random.split(key, 3)
-        B = batch.task.shape[0]
         mask = task_mask(batch.task)
         gamma = gammas[batch.task] if cfg.multitask else gammas[0]
         # targets (no gradient; eval mode)

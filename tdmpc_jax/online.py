@@ -26,7 +26,7 @@ from tdmpc_jax.config import ModelConfig, TrainConfig
 from tdmpc_jax.data.replay import ReplayBuffer
 from tdmpc_jax.envs import BatchedEnv
 from tdmpc_jax.losses import Batch
-from tdmpc_jax.offline import as_agent, load_state, save_state, write_curves
+from tdmpc_jax.offline import as_agent, load_state, save_state
 
 
 @dataclasses.dataclass(frozen=True)

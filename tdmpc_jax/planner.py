@@ -132,13 +132,14 @@ def estimate_value_lean(cfg1, pp, z0, actions, mask, gamma, key):
     L = z0.shape[-1]
     G, disc = 0.0, 1.0
     mm = networks.matmul
+    H = actions.shape[0]
     first = mm(z0, pp["rd_kernel"][:L]) + pp["rd_bias"] + mm(actions[0], pp["rd_kernel"][L:])
-    for t in range(actions.shape[0]):
-        if t > 0:
-            first = mm(jnp.concatenate([z, actions[t]], -1), pp["rd_kernel"]) + pp["rd_bias"]
+    for t in range(H):
         r, z = _reward_and_next(cfg1, pp, first)
         G = G + disc * r
         disc = disc * gamma
+        if t + 1 < H:
+            first = mm(jnp.concatenate([z, actions[t + 1]], -1), pp["rd_kernel"]) + pp["rd_bias"]
     k_pi, k_q = jax.random.split(key)
     a, _, _ = networks.pi_sample(cfg1, pp, z, None, mask, k_pi)
     _, qs = _pick_two_qs(cfg1, pp["qs"], k_q)

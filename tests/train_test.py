@@ -1,12 +1,10 @@
 """Training: data-parallel step == one device, exact resume, NaN stop, learning with a teacher, bad input."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

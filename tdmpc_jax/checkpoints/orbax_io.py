@@ -55,10 +55,6 @@ def save_orbax(directory, params, target_qs, cfg: ModelConfig, extra_metadata=No
     return directory
 
 
-def is_orbax_dir(path) -> bool:
-    return os.path.isdir(path) and os.path.isdir(os.path.join(path, "metadata"))
-
-
 def read_metadata(directory) -> dict:
     path = os.path.join(directory, "metadata", "metadata")
     try:

@@ -1,7 +1,6 @@
 """Write a dataset by running a checkpoint (planner or policy prior, with exploration) on tasks."""
 from __future__ import annotations
 
-from typing import Sequence
 
 import numpy as np
 
