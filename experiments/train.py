@@ -24,19 +24,12 @@ flags.DEFINE_integer("seed", 1, "seed")
 
 def main(argv):
     del argv
-    from tdmpc_jax.config import MODEL_SIZES, TrainConfig
+    from tdmpc_jax.config import TrainConfig
     from tdmpc_jax.online import OnlineConfig, task_config, train_online
     from tdmpc_jax.results_io import check_writable_dir
     check_writable_dir(FLAGS.output)
     tasks = [t for t in FLAGS.tasks.split(",") if t]
-    if "," in FLAGS.size:
-        enc, mlp, latent = (int(x) for x in FLAGS.size.split(","))
-        size_kw = dict(enc_dim=enc, mlp_dim=mlp, latent_dim=latent)
-    else:
-        s = MODEL_SIZES[int(FLAGS.size)]
-        size_kw = dict(enc_dim=s.enc_dim, mlp_dim=s.mlp_dim, latent_dim=s.latent_dim,
-                       num_enc_layers=s.num_enc_layers, num_q=s.num_q, task_dim=96)
-    cfg = task_config(tasks, size_kw)
+    cfg = task_config(tasks, FLAGS.size)
     agent = train_online(cfg, TrainConfig(batch_size=FLAGS.batch_size),
                          OnlineConfig(tasks=tasks, episodes=FLAGS.episodes, seed_steps=FLAGS.seed_steps,
                                       utd=FLAGS.utd, mpc=FLAGS.mpc, eval_every=FLAGS.eval_every,

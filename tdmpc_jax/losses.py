@@ -46,16 +46,11 @@ def running_scale_update(value, x, tau: float = 0.01):
     return value + tau * (new - value)
 
 
-def discounts(cfg: ModelConfig):
-    from tdmpc_jax.planner import discounts as d
-    return d(cfg)
-
-
 def make_losses(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[ModelConfig] = None) -> Losses:
     H, nb, lo, hi = tcfg.horizon, cfg.num_bins, cfg.vmin, cfg.vmax
     rho = jnp.asarray([tcfg.rho ** t for t in range(H + 1)], jnp.float32)
     masks = networks.action_masks(cfg)
-    gammas = discounts(cfg)
+    gammas = networks.discounts(cfg)
     if tcfg.uses_teacher and teacher_cfg is None:
         raise ValueError("distillation coefficients > 0 need a teacher config")
 
@@ -76,11 +71,8 @@ def make_losses(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[Model
         next_z = networks.encode(cfg, sg, batch.obs[1:], emb_next)  # (H, B, L)
         mask_h = jnp.broadcast_to(mask, (H,) + mask.shape)
         a_next, _, _ = networks.pi_sample(cfg, sg, next_z, emb_next, mask_h, k_pi)
-        tq = target_qs
-        if cfg.num_q > 2:
-            idx = jax.random.permutation(k_qsel, cfg.num_q)[:2]
-            tq = jax.tree_util.tree_map(lambda x: x[idx], target_qs)
-        q_next = networks.q_values(cfg, tq, next_z, a_next, emb_next).min(0)  # (H, B)
+        qcfg, tq = networks.pick_two_qs(cfg, target_qs, k_qsel)
+        q_next = networks.q_values(qcfg, tq, next_z, a_next, emb_next).min(0)  # (H, B)
         td_target = jax.lax.stop_gradient(batch.reward + gamma * q_next)
         # latent rollout
         emb = networks.embed(cfg, params, batch.task)
@@ -146,11 +138,8 @@ def make_losses(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[Model
         eps = jax.random.normal(k_pi, mean.shape) * mask
         action = jnp.tanh(mean + eps * jnp.exp(log_std))
         logp = tmath.gaussian_logprob(eps, log_std)  # pre-squash, summed over all A dims
-        qs = p["qs"]
-        if cfg.num_q > 2:
-            idx = jax.random.permutation(k_qsel, cfg.num_q)[:2]
-            qs = jax.tree_util.tree_map(lambda x: x[idx], qs)
-        q = networks.q_values(cfg, qs, zs, action, emb, dropout_key=k_drop).mean(0)  # (H+1, B)
+        qcfg, qs = networks.pick_two_qs(cfg, p["qs"], k_qsel)
+        q = networks.q_values(qcfg, qs, zs, action, emb, dropout_key=k_drop).mean(0)  # (H+1, B)
         new_scale = running_scale_update(scale, jax.lax.stop_gradient(q[0]), tcfg.scale_tau)
         q = q / new_scale
         if tcfg.policy_loss == "new":

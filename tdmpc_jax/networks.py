@@ -191,6 +191,23 @@ def action_masks(cfg: ModelConfig):
     return (jnp.arange(cfg.action_dim)[None, :] < dims).astype(jnp.float32)
 
 
+def discounts(cfg: ModelConfig):
+    """Per-task discount: clip((L/5 - 1)/(L/5), 0.95, 0.995) with L the episode length."""
+    lengths = jnp.asarray(cfg.episode_lengths or (500,), jnp.float32)
+    frac = lengths / 5.0
+    return jnp.clip((frac - 1) / frac, 0.95, 0.995)
+
+
+def pick_two_qs(cfg: ModelConfig, qs, key):
+    """The official Q 'min'/'avg' members: two distinct random ones (all of them when num_q == 2).
+
+    -> (cfg with num_q=2, the two members' params)."""
+    if cfg.num_q <= 2:
+        return cfg, qs
+    idx = jax.random.permutation(key, cfg.num_q)[:2]
+    return dataclasses.replace(cfg, num_q=2), jax.tree_util.tree_map(lambda x: x[idx], qs)
+
+
 def renorm_max_norm(rows, max_norm: float = 1.0):
     """PyTorch Embedding(max_norm): rows with norm > max_norm scaled by max_norm/(norm+1e-7)."""
     norm = jnp.linalg.norm(rows, axis=-1, keepdims=True)

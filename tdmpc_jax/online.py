@@ -43,9 +43,11 @@ class OnlineConfig:
     progress: bool = True
 
 
-def task_config(tasks: Sequence[str], size_kw: dict) -> ModelConfig:
-    """A multi-task ModelConfig over MT30 tasks (dims padded to the largest among them)."""
-    from tdmpc_jax.config import MT30_TASKS, get_task_set, make_model_config
+def task_config(tasks: Sequence[str], spec: str = "1") -> ModelConfig:
+    """A multi-task ModelConfig over MT30 tasks (dims padded to the largest among them).
+
+    spec: an official size ('1', '5', ...; task_dim 96) or 'enc,mlp,latent' (task_dim 16)."""
+    from tdmpc_jax.config import MT30_TASKS, config_from_spec, get_task_set
     ts = get_task_set("mt30")
     bad = [t for t in tasks if t not in MT30_TASKS]
     if bad:
@@ -53,10 +55,10 @@ def task_config(tasks: Sequence[str], size_kw: dict) -> ModelConfig:
     idx = [ts.index(t) for t in tasks]
     obs_dims = tuple(ts.obs_dims[i] for i in idx)
     act_dims = tuple(ts.action_dims[i] for i in idx)
-    kw = dict(dict(task_dim=16), **size_kw)
-    base = make_model_config(1, None, obs_dim=max(obs_dims), action_dim=max(act_dims), model_size=None, **kw)
+    base = config_from_spec(spec, None, obs_dim=max(obs_dims), action_dim=max(act_dims),
+                            task_dim=16 if "," in spec else 96)
     return dataclasses.replace(base, tasks=tuple(tasks), obs_dims=obs_dims, action_dims=act_dims,
-                               episode_lengths=tuple(ts.episode_lengths[i] for i in idx))
+                               episode_lengths=tuple(ts.episode_lengths[i] for i in idx), model_size=None)
 
 
 def _save_extra(out_dir, buffer: ReplayBuffer, counters: dict):

@@ -61,23 +61,8 @@ def init_state(cfg: ModelConfig, pcfg: PlannerConfig, batch: int | None = None) 
     return PlanState(jnp.zeros(shape, jnp.float32))
 
 
-def discounts(cfg: ModelConfig):
-    """Per-task discount: clip((L/5 - 1)/(L/5), 0.95, 0.995) with L the episode length."""
-    lengths = jnp.asarray(cfg.episode_lengths or (500,), jnp.float32)
-    frac = lengths / 5.0
-    return jnp.clip((frac - 1) / frac, 0.95, 0.995)
-
-
 def _mask(cfg, task):
     return networks.action_masks(cfg)[task] if cfg.multitask else jnp.ones((cfg.action_dim,), jnp.float32)
-
-
-def _pick_two_qs(cfg, qs, key):
-    """The official Q 'avg': two distinct random members (all of them when num_q == 2)."""
-    if cfg.num_q <= 2:
-        return cfg, qs
-    idx = jax.random.permutation(key, cfg.num_q)[:2]
-    return dataclasses.replace(cfg, num_q=2), jax.tree_util.tree_map(lambda x: x[idx], qs)
 
 
 # --- the lean path: fused first layers of heads that share an input ------------------------------
@@ -142,7 +127,7 @@ def estimate_value_lean(cfg1, pp, z0, actions, mask, gamma, key):
             first = mm(jnp.concatenate([z, actions[t + 1]], -1), pp["rd_kernel"]) + pp["rd_bias"]
     k_pi, k_q = jax.random.split(key)
     a, _, _ = networks.pi_sample(cfg1, pp, z, None, mask, k_pi)
-    _, qs = _pick_two_qs(cfg1, pp["qs"], k_q)
+    _, qs = networks.pick_two_qs(cfg1, pp["qs"], k_q)
     return jnp.nan_to_num(G + disc * _q_avg(cfg1, qs, z, a), nan=0.0)
 
 
@@ -174,7 +159,7 @@ def plan(cfg: ModelConfig, pcfg: PlannerConfig, params, obs, task, state: PlanSt
             a, _, _ = networks.pi_sample(cfg1, pp, z, None, mask, k)
             return a, (lambda a_: networks.next_latent(cfg1, pp, z, a_, None))
     mask = _mask(cfg, task)
-    gamma = discounts(cfg)[task] if cfg.multitask else discounts(cfg)[0]
+    gamma = networks.discounts(cfg)[task] if cfg.multitask else networks.discounts(cfg)[0]
     H, A, N, P = pcfg.horizon, cfg.action_dim, pcfg.num_samples, pcfg.num_pi_trajs
     k_pi, k_pival, key = jax.random.split(key, 3)
 
@@ -237,7 +222,7 @@ def estimate_value(cfg, params, z, actions, mask, gamma, key, emb=None):
         disc = disc * gamma
     k_pi, k_q = jax.random.split(key)
     a, _, _ = networks.pi_sample(cfg, params, z, emb, mask, k_pi)
-    qcfg, qs = _pick_two_qs(cfg, params["qs"], k_q)
+    qcfg, qs = networks.pick_two_qs(cfg, params["qs"], k_q)
     q = networks.q_values(qcfg, qs, z, a, emb).mean(0)
     return jnp.nan_to_num(G + disc * q, nan=0.0)
 

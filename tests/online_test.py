@@ -11,12 +11,12 @@ from tdmpc_jax.online import OnlineConfig, task_config, train_online
 
 
 def test_task_config_pads_to_the_subset():
-    cfg = task_config(["pendulum-spin", "reacher-easy"], dict(enc_dim=32, mlp_dim=32, latent_dim=16))
+    cfg = task_config(["pendulum-spin", "reacher-easy"], "32,32,16")
     assert (cfg.obs_dim, cfg.action_dim, cfg.action_dims, cfg.obs_dims) == (6, 2, (1, 2), (3, 6))
 
 
 def test_online_run_learns_logs_and_resumes(tmp_path):
-    cfg = task_config(["pendulum-spin"], dict(enc_dim=32, mlp_dim=32, latent_dim=16))
+    cfg = task_config(["pendulum-spin"], "32,32,16")
     tcfg = TrainConfig(batch_size=32)
     kw = dict(tasks=["pendulum-spin"], seed_steps=300, utd=0.05, eval_episodes=1, progress=False)
     out = str(tmp_path / "run")

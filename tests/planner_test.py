@@ -128,7 +128,7 @@ def test_random_pair_of_q_members_and_iteration_rule():
     a, s = planner.act_one(cfg, pcfg, params, jnp.ones((5,)), jnp.int32(0), planner.init_state(cfg, pcfg),
                            jnp.bool_(True), jax.random.PRNGKey(0))
     assert a.shape == (21,) and s.prev_mean.shape == (3, 21)
-    c2, qs = planner._pick_two_qs(cfg, params["qs"], jax.random.PRNGKey(3))
+    c2, qs = networks.pick_two_qs(cfg, params["qs"], jax.random.PRNGKey(3))
     assert c2.num_q == 2 and jax.tree_util.tree_leaves(qs)[0].shape[0] == 2
 
 
@@ -141,6 +141,6 @@ def test_bad_planner_settings(kw, msg):
 
 def test_discounts():
     cfg = make_model_config(1, "mt80")
-    g = np.asarray(planner.discounts(cfg))
+    g = np.asarray(networks.discounts(cfg))
     np.testing.assert_allclose(g[:30], 0.99)
     np.testing.assert_allclose(g[30:], 0.95)
