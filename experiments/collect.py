@@ -15,6 +15,11 @@ flags.DEFINE_bool("mpc", False, "act with MPPI (default: policy prior)")
 flags.DEFINE_bool("eval_mode", False, "no exploration noise")
 flags.DEFINE_integer("seed", 1, "seed")
 flags.DEFINE_string("output", None, "dataset directory to write", required=True)
+cli.existing_path("checkpoint")
+cli.task_list("tasks")
+cli.positive_int("episodes")
+cli.seed("seed")
+cli.output("output", "dataset")
 
 
 def main(argv):
@@ -22,12 +27,9 @@ def main(argv):
     import tdmpc_jax
     from tdmpc_jax.data.collect import collect
     from tdmpc_jax.planner import PlannerConfig
-    from tdmpc_jax.results_io import check_writable_dir
-    import os
-    check_writable_dir(os.path.dirname(os.path.abspath(FLAGS.output)))
     agent = tdmpc_jax.load_checkpoint(FLAGS.checkpoint)
     ds = collect(agent, FLAGS.tasks, FLAGS.episodes, FLAGS.output, PlannerConfig(mpc=FLAGS.mpc), FLAGS.seed,
-                 FLAGS.eval_mode)
+                 FLAGS.eval_mode, overwrite=FLAGS.overwrite)
     print(f"wrote {ds.num_episodes} episodes ({ds.num_steps} steps) to {FLAGS.output}; mean returns "
           + ", ".join(f"{t} {r:.0f}" for t, r in ds.meta_returns.items()))
 

@@ -5,6 +5,7 @@
   python experiments/convert.py --input=ckpt_dir --output=model.pt --export_format=new
 """
 import json
+import os
 
 from absl import flags
 
@@ -17,6 +18,22 @@ flags.DEFINE_string("output", None, "Orbax directory to write (or a .pt path wit
 flags.DEFINE_bool("summary", False, "print the inferred architecture and parameter counts")
 flags.DEFINE_enum("export_format", None, ["old", "new"], "write an official PyTorch state dict instead")
 flags.DEFINE_string("task_set", None, "override the inferred task set (mt30 / mt80)")
+cli.existing_path("input")
+cli.task_set_name("task_set")
+cli.output("output", lambda v: "torch-file" if v["export_format"] else "checkpoint", depends=("export_format",))
+
+
+def _check_request(v):
+    if v["output"] is None and not v["summary"]:
+        raise ValueError("nothing to do: give --output and/or --summary")
+    if v["output"] is not None and not v["export_format"] and v["output"].lower().endswith(".pt"):
+        raise ValueError(f"--output={v['output']}: names a .pt file but writes an Orbax directory; "
+                         "pass --export_format=old|new for a PyTorch file")
+    if v["export_format"] and v["output"] is None:
+        raise ValueError("--export_format: needs --output")
+
+
+cli.check(("output", "summary", "export_format"), _check_request)
 
 
 def summary(agent) -> str:
@@ -39,16 +56,17 @@ def main(argv):
     if FLAGS.summary:
         print(summary(agent))
     if FLAGS.output is None:
-        if not FLAGS.summary:
-            raise ValueError("nothing to do: give --output and/or --summary")
         return
+    from tdmpc_jax.results_io import check_output
+    out = check_output(FLAGS.output, "torch-file" if FLAGS.export_format else "checkpoint", FLAGS.overwrite)
     if FLAGS.export_format:
         from tdmpc_jax.checkpoints import official
         from tdmpc_jax.checkpoints.torch_writer import write_torch_file
         sd = official.params_to_state_dict(agent.params, agent.target_qs, agent.config, FLAGS.export_format)
-        write_torch_file(FLAGS.output, {"model": sd})
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        write_torch_file(out, {"model": sd})  # temp sibling, then rename
     else:
-        agent.save(FLAGS.output)
+        agent.save(out)  # temp sibling, then rename
     print(json.dumps({"wrote": FLAGS.output, "params": agent.num_params()["learnable"]}))
 
 

@@ -27,26 +27,57 @@ flags.DEFINE_integer("horizon", 3, "planning horizon")
 flags.DEFINE_integer("workers", 0, "environment worker processes (0: step in this process)")
 flags.DEFINE_list("compare", None, "result directories to plot side by side instead of evaluating")
 flags.DEFINE_string("output", None, "output directory", required=True)
+cli.existing_path("checkpoint")
+cli.task_list("tasks")
+cli.positive_int("episodes", "iterations", "num_samples", "num_elites", "horizon")
+cli.non_negative_int("num_pi_trajs", "workers")
+cli.seed("seed")
+cli.output("output", "eval")
+
+
+def _check_compare(v):
+    if v is None:
+        return
+    if not v:
+        raise ValueError("empty list")
+    from tdmpc_jax.results_io import read_results
+    for d in v:
+        read_results(d)  # a results.json of an evaluation (cheap)
+
+
+def _check_request(v):
+    if v["compare"] and v["checkpoint"]:
+        raise ValueError("--compare: give either --checkpoint (evaluate) or --compare (plot earlier results)")
+    if not v["compare"] and not v["checkpoint"]:
+        raise ValueError("--checkpoint: is required (or use --compare)")
+    if v["num_elites"] > v["num_samples"]:
+        raise ValueError(f"--num_elites={v['num_elites']}: must be <= --num_samples={v['num_samples']}")
+    if v["num_pi_trajs"] >= v["num_samples"]:
+        raise ValueError(f"--num_pi_trajs={v['num_pi_trajs']}: must be < --num_samples={v['num_samples']}")
+
+
+cli.rule("compare", _check_compare)
+cli.check(("compare", "checkpoint", "num_elites", "num_samples", "num_pi_trajs"), _check_request)
 
 
 def main(argv):
     del argv
-    from tdmpc_jax.results_io import check_writable_dir, read_results, write_results
-    check_writable_dir(FLAGS.output)
+    from tdmpc_jax.results_io import claim_output, read_results, write_results
     if FLAGS.compare:
         from tdmpc_jax.plots import compare_runs
         runs = {os.path.basename(os.path.normpath(d)) or d: read_results(d) for d in FLAGS.compare}
+        claim_output(FLAGS.output, "eval", FLAGS.overwrite)
         png = compare_runs(runs, os.path.join(FLAGS.output, "compare.png"))
         print(json.dumps({k: round(v["normalized_score"], 3) for k, v in runs.items()} | {"plot": png}))
         return
-    if not FLAGS.checkpoint:
-        raise ValueError("--checkpoint is required (or use --compare)")
     import tdmpc_jax
-    from tdmpc_jax.evaluation import evaluate
+    from tdmpc_jax.evaluation import check_dims, evaluate, resolve_tasks
     from tdmpc_jax.planner import PlannerConfig
     agent = tdmpc_jax.load_checkpoint(FLAGS.checkpoint)
     pcfg = PlannerConfig(horizon=FLAGS.horizon, iterations=FLAGS.iterations, num_samples=FLAGS.num_samples,
                          num_elites=FLAGS.num_elites, num_pi_trajs=FLAGS.num_pi_trajs, mpc=FLAGS.mpc)
+    check_dims(agent, resolve_tasks(agent, FLAGS.tasks))  # the tasks fit the checkpoint, before any episode
+    claim_output(FLAGS.output, "eval", FLAGS.overwrite)
     res = evaluate(agent, FLAGS.tasks, FLAGS.episodes, FLAGS.seed, pcfg, FLAGS.eval_mode, FLAGS.workers)
     write_results(FLAGS.output, res)
     for t, v in res["tasks"].items():

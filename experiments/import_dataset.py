@@ -4,6 +4,7 @@
 Official data: https://huggingface.co/datasets/nicklashansen/tdmpc2 (mt30: 4 chunks, ~20 GB).
 """
 import glob
+import os
 
 from absl import flags
 
@@ -15,15 +16,24 @@ flags.DEFINE_enum("task_set", "mt30", ["mt30", "mt80"], "task set the task ids r
 flags.DEFINE_string("output", None, "dataset directory to write", required=True)
 
 
+def _check_chunks(v):
+    if v is not None and not [p for p in glob.glob(v) if os.path.isfile(p)]:
+        raise ValueError("no file matches")
+
+
+cli.rule("chunks", _check_chunks)
+cli.output("output", "dataset")
+
+
 def main(argv):
     del argv
     from tdmpc_jax.config import get_task_set
     from tdmpc_jax.data.official_import import import_chunks
-    paths = sorted(glob.glob(FLAGS.chunks))
+    paths = sorted(p for p in glob.glob(FLAGS.chunks) if os.path.isfile(p))
     if not paths:
         raise FileNotFoundError(f"no files match {FLAGS.chunks!r}")
     ts = get_task_set(FLAGS.task_set)
-    ds = import_chunks(paths, FLAGS.output, ts.tasks, ts.name)
+    ds = import_chunks(paths, FLAGS.output, ts.tasks, ts.name, overwrite=FLAGS.overwrite)
     print(f"wrote {ds.num_episodes} episodes, {ds.num_steps} steps to {FLAGS.output}")
 
 

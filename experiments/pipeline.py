@@ -29,6 +29,33 @@ flags.DEFINE_bool("mpc", True, "evaluate with MPPI (false: the policy prior, muc
 flags.DEFINE_integer("iterations", 4, "MPPI iterations for the evaluation (official: 6)")
 flags.DEFINE_integer("num_samples", 256, "MPPI samples for the evaluation (official: 512)")
 flags.DEFINE_integer("seed", 1, "seed")
+cli.existing_path("teacher")
+cli.dataset_dir("data")
+cli.output("output", "pipeline")
+cli.positive_int("collect_episodes", "steps", "batch_size", "episodes", "iterations")
+cli.int_range("num_samples", lo=8)  # the evaluation keeps num_samples // 8 elites
+cli.size_spec("student_size")
+cli.finite_float("coef", lo=0, lo_open=True)  # 0 would make the "distilled" student a second scratch one
+cli.task_list("tasks")
+cli.seed("seed")
+STUDENTS = ("distilled", "scratch")
+AGENTS = ("teacher",) + STUDENTS + ("distilled-int8",)
+
+
+def _check_parts(v):
+    """What the stages write inside OUT must be ours too (OUT/data, the students, OUT/distilled-int8, OUT/eval/*)."""
+    from tdmpc_jax.results_io import check_output
+    out, ow = v["output"], v["overwrite"]
+    parts = [("distilled-int8", "checkpoint")] + [(n, "distill-run") for n in STUDENTS] + \
+        [(os.path.join("eval", n), "eval") for n in AGENTS] + ([] if v["data"] else [("data", "dataset")])
+    for sub, kind in parts:
+        try:
+            check_output(os.path.join(out, sub), kind, ow)
+        except ValueError as e:
+            raise ValueError(f"--output={out}: {sub}: {getattr(e, 'problem', e)}") from None
+
+
+cli.check(("output", "overwrite", "data"), _check_parts)
 
 
 def main(argv):
@@ -41,13 +68,14 @@ def main(argv):
     from tdmpc_jax.offline import RunConfig, train_offline
     from tdmpc_jax.planner import PlannerConfig
     from tdmpc_jax.plots import compare_runs
-    from tdmpc_jax.results_io import check_writable_dir, write_results
-    from tdmpc_jax.config import config_from_spec
+    from tdmpc_jax.results_io import claim_output, write_results
+    from tdmpc_jax.config import student_config
 
     out = FLAGS.output
-    check_writable_dir(out)
     teacher = tdmpc_jax.load_checkpoint(FLAGS.teacher)
     tasks = resolve_tasks(teacher, FLAGS.tasks or list(teacher.config.tasks))
+    cfg = student_config(FLAGS.student_size, teacher.config)  # the teacher's task set or custom task list
+    claim_output(out, "pipeline", FLAGS.overwrite)
     print(f"[1/5] teacher {FLAGS.teacher}: {teacher.num_params()['learnable']:,} parameters, tasks {', '.join(tasks)}")
     data_dir = FLAGS.data or os.path.join(out, "data")
     try:
@@ -57,15 +85,15 @@ def main(argv):
         if FLAGS.data:
             raise
         print(f"[2/5] collecting {FLAGS.collect_episodes} episodes per task with the teacher ...", flush=True)
-        ds = collect(teacher, tasks, FLAGS.collect_episodes, data_dir, PlannerConfig(mpc=False), FLAGS.seed)
-    cfg = config_from_spec(FLAGS.student_size, teacher.config.task_set) if teacher.config.task_set else \
-        _custom_student(teacher.config, FLAGS.student_size)
+        ds = collect(teacher, tasks, FLAGS.collect_episodes, data_dir, PlannerConfig(mpc=False), FLAGS.seed,
+                     overwrite=FLAGS.overwrite)
     run = RunConfig(steps=FLAGS.steps, seed=FLAGS.seed, log_every=max(1, FLAGS.steps // 40),
                     checkpoint_every=max(1, FLAGS.steps // 5))
     students = {}
     for name, coef in (("distilled", FLAGS.coef), ("scratch", 0.0)):
         print(f"[3/5] training the {name} student ({FLAGS.steps} updates) ...", flush=True)
         tcfg = TrainConfig(batch_size=FLAGS.batch_size, distill_coef=coef)
+        claim_output(os.path.join(out, name), "distill-run", FLAGS.overwrite)
         students[name], _ = train_offline(cfg, tcfg, ds, os.path.join(out, name), run,
                                           teacher if coef > 0 else None)
     print("[4/5] quantizing the distilled student to int8 ...", flush=True)
@@ -98,14 +126,6 @@ def main(argv):
                                                   "num_samples", "seed")}, f, indent=1)
     print(table)
     print(f"\nwrote {out}/table.md, results.json, compare.png")
-
-
-def _custom_student(tc, spec):
-    import dataclasses
-    if "," not in spec:
-        raise ValueError("a teacher with a custom task list needs --student_size=enc,mlp,latent")
-    enc, mlp, latent = (int(x) for x in spec.split(","))
-    return dataclasses.replace(tc, enc_dim=enc, mlp_dim=mlp, latent_dim=latent, model_size=None)
 
 
 def _table(results, agents, tasks):

@@ -25,6 +25,33 @@ flags.DEFINE_float("mixed_share", 0.5, "mixed keeps fp16 kernels covering this s
 flags.DEFINE_enum("compute", "fp32", ["fp32", "bf16"], "compute mode of the loaded variants")
 flags.DEFINE_list("extra", [], "other checkpoints of the same architecture to put in the table")
 flags.DEFINE_bool("latency", True, "measure MPPI latency per compute mode")
+cli.existing_path("checkpoint", "extra")
+
+
+def _formats():
+    from tdmpc_jax.quantize import FORMATS
+    return FORMATS
+
+
+cli.choices("formats", known=_formats, noun="format")
+cli.output("output", "quantize")
+cli.task_list("tasks")
+cli.positive_int("episodes", "calib_steps")
+cli.seed("seed")
+cli.finite_float("mixed_share", lo=0, hi=1)
+
+
+def _check_variants(v):
+    """OUT/<format>/ is replaced by each variant: it must be new, empty or a checkpoint of ours."""
+    from tdmpc_jax.results_io import check_output
+    for fmt in ["fp32"] + list(v["formats"] or []):
+        try:
+            check_output(os.path.join(v["output"], fmt), "checkpoint", v["overwrite"])
+        except ValueError as e:
+            raise ValueError(f"--output={v['output']}: {fmt}: {getattr(e, 'problem', e)}") from None
+
+
+cli.check(("output", "overwrite", "formats"), _check_variants)
 
 
 def main(argv):
@@ -37,12 +64,8 @@ def main(argv):
     from tdmpc_jax import quantize
     from tdmpc_jax.evaluation import check_dims, evaluate, resolve_tasks
     from tdmpc_jax.planner import PlannerConfig
-    from tdmpc_jax.results_io import check_writable_dir
+    from tdmpc_jax.results_io import claim_output
 
-    bad = [f for f in FLAGS.formats if f not in quantize.FORMATS]
-    if bad:
-        raise ValueError(f"unknown formats {bad} (known: {', '.join(quantize.FORMATS)})")
-    check_writable_dir(FLAGS.output)
     agent = tdmpc_jax.load_checkpoint(FLAGS.checkpoint)
     cfg = agent.config
     if not cfg.multitask:
@@ -53,6 +76,7 @@ def main(argv):
     for name, e in extras.items():
         if e.config != cfg:
             raise ValueError(f"--extra {name}: architecture differs from the checkpoint's")
+    claim_output(FLAGS.output, "quantize", FLAGS.overwrite)
     print(f"collecting observations on {len(calib_tasks)} tasks ...", flush=True)
     obs, task, action = qr.collect_observations(agent, calib_tasks, FLAGS.calib_steps, FLAGS.seed)
     keep = []

@@ -19,21 +19,35 @@ flags.DEFINE_integer("seed", 1, "environment seed")
 flags.DEFINE_integer("steps", 500, "agent steps to render")
 flags.DEFINE_integer("size", 256, "frame height and width in pixels")
 flags.DEFINE_integer("fps", 30, "frames per second of the output")
+cli.task_list("task", sets=False, single=True)
+cli.existing_path("checkpoint")
+cli.output("output", "video", extensions=(".gif", ".mp4"))
+cli.seed("seed")
+cli.positive_int("steps", "fps")
+cli.int_range("size", lo=16, hi=4096)
 
 
 def main(argv):
     del argv
+    import tempfile
+
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from tdmpc_jax import envs, planner
+    try:
+        from tdmpc_jax import envs
+    except Exception as e:  # dm_control loads the GL backend at import: say so in one line
+        raise RuntimeError(f"rendering failed with MUJOCO_GL={os.environ.get('MUJOCO_GL')}: cannot load the "
+                           f"GL backend ({type(e).__name__}: {e})") from None
+    from tdmpc_jax import atomic, planner
+    from tdmpc_jax.results_io import GIF_COMMENT, check_output
     ext = os.path.splitext(FLAGS.output)[1].lower()
-    if ext not in (".gif", ".mp4"):
-        raise ValueError(f"--output must end in .gif or .mp4, got {FLAGS.output!r}")
-    out_dir = os.path.dirname(os.path.abspath(FLAGS.output))
-    if not os.access(out_dir, os.W_OK):
-        raise PermissionError(f"output directory {out_dir!r} is not writable")
+    if ext == ".mp4":
+        try:
+            import imageio
+        except ImportError:
+            raise ValueError("writing .mp4 needs `pip install imageio[ffmpeg]`; use a .gif output instead") from None
     env = envs.make(FLAGS.task, FLAGS.seed)
     agent = None
     if FLAGS.checkpoint:
@@ -64,18 +78,26 @@ def main(argv):
         obs, r, done, _ = env.step(a)
         total += r
         frames.append(env.render(FLAGS.size, FLAGS.size))
-    if ext == ".gif":
+    out = check_output(FLAGS.output, "video", FLAGS.overwrite)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    if ext == ".gif":  # temp sibling, then rename; the comment marks it ours (a rerun may replace it)
         from PIL import Image
         imgs = [Image.fromarray(f) for f in frames]
-        tmp = FLAGS.output + ".tmp.gif"
-        imgs[0].save(tmp, save_all=True, append_images=imgs[1:], duration=int(1000 / FLAGS.fps), loop=0)
-        os.replace(tmp, FLAGS.output)
+        atomic.write_file(out, binary=True, writer=lambda f: imgs[0].save(
+            f, format="GIF", save_all=True, append_images=imgs[1:], duration=int(1000 / FLAGS.fps), loop=0,
+            comment=GIF_COMMENT))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(out, 0o666 & ~umask)  # a temp file is created 0600; a GIF is for sharing
     else:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=ext, dir=os.path.dirname(out))
+        os.close(fd)
         try:
-            import imageio
-        except ImportError:
-            raise ValueError("writing .mp4 needs `pip install imageio[ffmpeg]`; use a .gif output instead") from None
-        imageio.mimsave(FLAGS.output, frames, fps=FLAGS.fps)
+            imageio.mimsave(tmp, frames, fps=FLAGS.fps)
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     print(f"wrote {FLAGS.output}: {len(frames)} frames, return {total:.1f}")
 
 

@@ -20,16 +20,23 @@ flags.DEFINE_bool("mpc", False, "act with MPPI (default: policy prior with explo
 flags.DEFINE_integer("eval_every", 1, "evaluate every N episodes")
 flags.DEFINE_integer("eval_episodes", 2, "evaluation episodes per task")
 flags.DEFINE_integer("seed", 1, "seed")
+cli.task_list("tasks", sets=False, task_set="mt30")
+cli.output("output", "train-run")
+cli.positive_int("episodes", "batch_size", "eval_episodes")
+cli.non_negative_int("seed_steps", "eval_every")
+cli.size_spec("size")
+cli.finite_float("utd", lo=0, lo_open=True)
+cli.seed("seed")
 
 
 def main(argv):
     del argv
     from tdmpc_jax.config import TrainConfig
     from tdmpc_jax.online import OnlineConfig, task_config, train_online
-    from tdmpc_jax.results_io import check_writable_dir
-    check_writable_dir(FLAGS.output)
-    tasks = [t for t in FLAGS.tasks.split(",") if t]
+    from tdmpc_jax.results_io import claim_output
+    tasks = cli.check_tasks(FLAGS.tasks, sets=False, task_set="mt30")
     cfg = task_config(tasks, FLAGS.size)
+    claim_output(FLAGS.output, "train-run", FLAGS.overwrite)
     agent = train_online(cfg, TrainConfig(batch_size=FLAGS.batch_size),
                          OnlineConfig(tasks=tasks, episodes=FLAGS.episodes, seed_steps=FLAGS.seed_steps,
                                       utd=FLAGS.utd, mpc=FLAGS.mpc, eval_every=FLAGS.eval_every,

@@ -213,6 +213,10 @@ def make_model_config(size: int = 1, task_set: Optional[str] = "mt30", *,
     return ModelConfig(**kw)
 
 
+DISTILL_COEFS = ("distill_coef", "distill_reward_kl_coef", "distill_q_coef", "distill_policy_coef",
+                 "distill_value_coef", "distill_action_coef")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Offline/online TD-MPC2 update hyper-parameters (official defaults) and distillation terms."""
@@ -231,31 +235,78 @@ class TrainConfig:
     entropy_coef: float = 1e-4
     scale_tau: float = 0.01
     policy_loss: str = "new"  # 'new' (tdmpc2 HEAD) or 'old' (2023 code, TD-MPC-Opt fork)
+    # official 'new' code quirk: the policy loss's task-embedding gradient is added to the NEXT
+    # step's world-model gradient (README: "Policy-loss leak"); False keeps the embedding out of it
+    policy_emb_leak: bool = False
     # distillation (TD-MPC-Opt): coef x MSE(student reward, teacher reward) on t=0; extras optional
     distill_coef: float = 0.0
     distill_reward_kl_coef: float = 0.0
     distill_q_coef: float = 0.0
     distill_policy_coef: float = 0.0
+    distill_value_coef: float = 0.0   # MSE(student Q, teacher Q) at the teacher's policy action
+    distill_action_coef: float = 0.0  # MSE(student policy mean, dataset action): a teacher-collected dataset's
     distill_temperature: float = 1.0
 
     def __post_init__(self):
         if self.policy_loss not in ("new", "old"):
             raise ValueError(f"policy_loss must be 'new' or 'old', got {self.policy_loss!r}")
+        if self.policy_emb_leak and self.policy_loss != "new":
+            raise ValueError("policy_emb_leak reproduces the 'new' policy loss only (the old code freezes the embedding)")
         if self.batch_size < 1 or self.horizon < 1:
             raise ValueError("batch_size and horizon must be >= 1")
-        for f in ("distill_coef", "distill_reward_kl_coef", "distill_q_coef", "distill_policy_coef"):
+        for f in DISTILL_COEFS:
             if getattr(self, f) < 0:
                 raise ValueError(f"{f} must be >= 0")
 
     @property
     def uses_teacher(self) -> bool:
-        return any(getattr(self, f) > 0 for f in ("distill_coef", "distill_reward_kl_coef", "distill_q_coef",
-                                                   "distill_policy_coef"))
+        return any(getattr(self, f) > 0 for f in DISTILL_COEFS)
+
+
+def parse_size_spec(spec) -> "int | Tuple[int, int, int]":
+    """'1'/'5'/'19'/'48'/'317' -> that official size; 'enc,mlp,latent' -> the three dims (ValueError otherwise)."""
+    s = str(spec).strip()
+    if "," not in s:
+        if not s.isdigit() or int(s) not in MODEL_SIZES:
+            raise ValueError(f"not an official size ({'/'.join(map(str, MODEL_SIZES))}) nor enc,mlp,latent dims")
+        return int(s)
+    parts = [p.strip() for p in s.split(",")]
+    if len(parts) != 3:
+        raise ValueError(f"give three dims enc,mlp,latent (got {len(parts)})")
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError("enc,mlp,latent must be integers") from None
+    if min(dims) < 1:
+        raise ValueError("enc,mlp,latent must be positive")
+    simnorm = ModelConfig.__dataclass_fields__["simnorm_dim"].default
+    if dims[2] % simnorm:
+        raise ValueError(f"latent dim {dims[2]} is not a multiple of {simnorm} (SimNorm groups)")
+    return dims
 
 
 def config_from_spec(spec: str, task_set: Optional[str], **kw) -> ModelConfig:
     """'1'/'5'/... -> the official size; 'enc,mlp,latent' -> that (non-official) architecture."""
-    if "," in spec:
-        enc, mlp, latent = (int(x) for x in spec.split(","))
+    size = parse_size_spec(spec)
+    if isinstance(size, tuple):
+        enc, mlp, latent = size
         return make_model_config(1, task_set, enc_dim=enc, mlp_dim=mlp, latent_dim=latent, model_size=None, **kw)
-    return make_model_config(int(spec), task_set, **kw)
+    return make_model_config(size, task_set, **kw)
+
+
+def student_config(spec: str, teacher: Optional[ModelConfig] = None, task_set: Optional[str] = None) -> ModelConfig:
+    """The student architecture `spec` over its teacher's tasks (used by distill.py and the pipeline).
+
+    An official task set (`task_set`, else the teacher's) gives `config_from_spec(spec, task_set)`. A teacher
+    with a custom task list (e.g. checkpoints/teacher-mt4) gives its tasks, per-task dims and task_dim with the
+    student's sizes: 'enc,mlp,latent' (the size-1 layout with these dims) or an official size's dims."""
+    task_set = task_set or (teacher.task_set if teacher is not None else None)
+    if task_set is not None:
+        return config_from_spec(spec, task_set)
+    if teacher is None or not teacher.multitask:
+        raise ValueError("cannot tell the student's task set: give a multi-task teacher or an official task set")
+    size = parse_size_spec(spec)
+    layout = MODEL_SIZES[1 if isinstance(size, tuple) else size]
+    enc, mlp, latent = size if isinstance(size, tuple) else (layout.enc_dim, layout.mlp_dim, layout.latent_dim)
+    return dataclasses.replace(teacher, enc_dim=enc, mlp_dim=mlp, latent_dim=latent, num_enc_layers=layout.num_enc_layers,
+                               num_q=layout.num_q, model_size=None)

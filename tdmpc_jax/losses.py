@@ -5,7 +5,11 @@ Qs with a sampled policy action) with rho^t weighting, plus TD-MPC-Opt's distill
 Policy loss (§3.5): Q_avg of a sampled action scaled by a RunningScale, with the 'new' scaled
 entropy or the 'old' log-prob. Differences from the official code, on purpose:
 * distillation reuses the student's z_0 instead of a second identical encode (same value and gradient);
-* the policy loss does not leak task-embedding gradients into the next model step (new-code quirk).
+* by default the policy loss does not leak task-embedding gradients into the next model step (a quirk
+  of the official 'new' code; `TrainConfig.policy_emb_leak=True` reproduces it: `policy` then also
+  differentiates the embedding and `train.make_update` carries that gradient into the next step).
+The max-norm embedding rows are written back into the params by `train.make_update` before each pass
+that looks them up (as PyTorch does in place), so the losses read plain rows.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ class Batch(NamedTuple):
 
 class Losses(NamedTuple):
     world_model: callable  # (params, target_qs, batch, key, teacher_params) -> (loss, (metrics, zs))
-    policy: callable       # (pi_params, params, zs, task, scale, key) -> (loss, (metrics, new_scale))
+    policy: callable       # (trainable, params, zs, task, scale, key) -> (loss, (metrics, new_scale))
 
 
 def running_scale_update(value, x, tau: float = 0.01):
@@ -46,7 +50,11 @@ def running_scale_update(value, x, tau: float = 0.01):
     return value + tau * (new - value)
 
 
-def make_losses(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[ModelConfig] = None) -> Losses:
+def make_losses(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[ModelConfig] = None,
+                fused: bool = True) -> Losses:
+    """fused (default): the student's task embedding enters as per-sample first-layer biases
+    (`networks.fold_task_batch`: same math, fewer FLOPs); fused=False concatenates it to every
+    first layer's input as the official code does (the reference the tests compare against)."""
     H, nb, lo, hi = tcfg.horizon, cfg.num_bins, cfg.vmin, cfg.vmax
     rho = jnp.asarray([tcfg.rho ** t for t in range(H + 1)], jnp.float32)
     masks = networks.action_masks(cfg)
@@ -54,38 +62,46 @@ def make_losses(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[Model
     if tcfg.uses_teacher and teacher_cfg is None:
         raise ValueError("distillation coefficients > 0 need a teacher config")
 
-    def embed_seq(params, task, T):
-        e = networks.embed(cfg, params, task)
-        return None if e is None else jnp.broadcast_to(e, (T,) + e.shape)
-
     def task_mask(task):
         return masks[task] if cfg.multitask else jnp.ones((task.shape[0], cfg.action_dim))
+
+    def conditioned(params, task, target_qs=None):
+        """-> (cfg, params, target_qs, emb) for the student's forwards: the task-folded single-task
+        form with emb None (fused), or the plain multi-task model and its looked-up embedding."""
+        if fused and cfg.multitask:
+            if target_qs is None:
+                return (*networks.fold_task_batch(cfg, params, task), None, None)
+            return (*networks.fold_task_batch(cfg, params, task, target_qs), None)
+        return cfg, params, target_qs, networks.embed(cfg, params, task)
+
+    def seq(e, T):
+        return None if e is None else jnp.broadcast_to(e, (T,) + e.shape)
 
     def world_model(params, target_qs, batch: Batch, key, teacher_params=None):
         k_pi, k_qsel, k_drop = jax.random.split(key, 3)
         mask = task_mask(batch.task)
         gamma = gammas[batch.task] if cfg.multitask else gammas[0]
+        mcfg, mp, target_qs, emb = conditioned(params, batch.task, target_qs)
         # targets (no gradient; eval mode)
-        sg = jax.lax.stop_gradient(params)
-        emb_next = embed_seq(sg, batch.task, H)
-        next_z = networks.encode(cfg, sg, batch.obs[1:], emb_next)  # (H, B, L)
+        sg = jax.lax.stop_gradient(mp)
+        emb_next = None if emb is None else seq(jax.lax.stop_gradient(emb), H)
+        next_z = networks.encode(mcfg, sg, batch.obs[1:], emb_next)  # (H, B, L)
         mask_h = jnp.broadcast_to(mask, (H,) + mask.shape)
-        a_next, _, _ = networks.pi_sample(cfg, sg, next_z, emb_next, mask_h, k_pi)
-        qcfg, tq = networks.pick_two_qs(cfg, target_qs, k_qsel)
+        a_next, _, _ = networks.pi_sample(mcfg, sg, next_z, emb_next, mask_h, k_pi)
+        qcfg, tq = networks.pick_two_qs(mcfg, target_qs, k_qsel)
         q_next = networks.q_values(qcfg, tq, next_z, a_next, emb_next).min(0)  # (H, B)
         td_target = jax.lax.stop_gradient(batch.reward + gamma * q_next)
         # latent rollout
-        emb = networks.embed(cfg, params, batch.task)
-        z = networks.encode(cfg, params, batch.obs[0], emb)
+        z = networks.encode(mcfg, mp, batch.obs[0], emb)
         zs, consistency = [z], 0.0
         for t in range(H):
-            z = networks.next_latent(cfg, params, z, batch.action[t], emb)
+            z = networks.next_latent(mcfg, mp, z, batch.action[t], emb)
             consistency += rho[t] * jnp.mean((z - next_z[t]) ** 2)
             zs.append(z)
         zs = jnp.stack(zs)  # (H+1, B, L)
-        emb_h = embed_seq(params, batch.task, H)
-        r_logits = networks.reward_logits(cfg, params, zs[:-1], batch.action, emb_h)  # (H, B, nb)
-        q_logits = networks.q_logits(cfg, params["qs"], zs[:-1], batch.action, emb_h, dropout_key=k_drop)
+        emb_h = seq(emb, H)
+        r_logits = networks.reward_logits(mcfg, mp, zs[:-1], batch.action, emb_h)  # (H, B, nb)
+        q_logits = networks.q_logits(mcfg, mp["qs"], zs[:-1], batch.action, emb_h, dropout_key=k_drop)
         reward_loss = jnp.sum(rho[:H] * tmath.soft_ce(r_logits, batch.reward, nb, lo, hi).mean(-1))
         value_loss = jnp.sum(rho[:H] * tmath.soft_ce(q_logits, td_target[None], nb, lo, hi).mean(-1))
         consistency, reward_loss = consistency / H, reward_loss / H
@@ -94,18 +110,19 @@ def make_losses(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[Model
                  + tcfg.value_coef * value_loss)
         metrics = {"consistency_loss": consistency, "reward_loss": reward_loss, "value_loss": value_loss}
         if tcfg.uses_teacher:
-            d_total, d_metrics = distillation(params, zs[0], emb, batch, mask, teacher_params)
+            d_total, d_metrics = distillation(mcfg, mp, zs[0], emb, batch, mask, teacher_params)
             total = total + d_total
             metrics.update(d_metrics)
         metrics["total_loss"] = total
         return total, (metrics, jax.lax.stop_gradient(zs))
 
-    def distillation(params, z0, emb, batch, mask, teacher_params):
+    def distillation(scfg, params, z0, emb, batch, mask, teacher_params):
+        """scfg/params/emb: the student as `conditioned` gives it."""
         tc = teacher_cfg
         t_emb = networks.embed(tc, teacher_params, batch.task)
         t_z = networks.encode(tc, teacher_params, batch.obs[0], t_emb)
         t_logits = networks.reward_logits(tc, teacher_params, t_z, batch.action[0], t_emb)
-        s_logits = networks.reward_logits(cfg, params, z0, batch.action[0], emb)
+        s_logits = networks.reward_logits(scfg, params, z0, batch.action[0], emb)
         r_t = tmath.two_hot_inv(t_logits, tc.vmin, tc.vmax)
         r_s = tmath.two_hot_inv(s_logits, cfg.vmin, cfg.vmax)
         out = {"distill_reward_mse": jnp.mean((r_s - r_t) ** 2)}
@@ -118,27 +135,40 @@ def make_losses(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[Model
             total += tcfg.distill_reward_kl_coef * kl
         if tcfg.distill_q_coef > 0:
             q_t = networks.q_values(tc, teacher_params["qs"], t_z, batch.action[0], t_emb).mean(0)
-            q_s = networks.q_values(cfg, params["qs"], z0, batch.action[0], emb).mean(0)
+            q_s = networks.q_values(scfg, params["qs"], z0, batch.action[0], emb).mean(0)
             out["distill_q_mse"] = jnp.mean((q_s - q_t) ** 2)
             total += tcfg.distill_q_coef * out["distill_q_mse"]
-        if tcfg.distill_policy_coef > 0:
+        if tcfg.distill_policy_coef > 0 or tcfg.distill_value_coef > 0:
             m_t, _ = networks.pi_dist(tc, teacher_params, t_z, t_emb, mask)
-            m_s, _ = networks.pi_dist(cfg, params, z0, emb, mask)
-            out["distill_policy_mse"] = jnp.mean((jnp.tanh(m_s) - jnp.tanh(m_t)) ** 2)
+            a_t = jax.lax.stop_gradient(jnp.tanh(m_t))
+        if tcfg.distill_policy_coef > 0:
+            m_s, _ = networks.pi_dist(scfg, params, z0, emb, mask)
+            out["distill_policy_mse"] = jnp.mean((jnp.tanh(m_s) - a_t) ** 2)
             total += tcfg.distill_policy_coef * out["distill_policy_mse"]
+        if tcfg.distill_value_coef > 0:  # the teacher's value of its own policy: Q_t(z, pi_t(z))
+            v_t = networks.q_values(tc, teacher_params["qs"], t_z, a_t, t_emb).mean(0)
+            v_s = networks.q_values(scfg, params["qs"], z0, a_t, emb).mean(0)
+            out["distill_value_mse"] = jnp.mean((v_s - v_t) ** 2)
+            total += tcfg.distill_value_coef * out["distill_value_mse"]
+        if tcfg.distill_action_coef > 0:  # the teacher's own (planner) actions stored in the dataset
+            m_s, _ = networks.pi_dist(scfg, params, z0, emb, mask)
+            out["distill_action_mse"] = jnp.mean((jnp.tanh(m_s) - batch.action[0]) ** 2)
+            total += tcfg.distill_action_coef * out["distill_action_mse"]
         return total, out
 
-    def policy(pi_params, params, zs, task, scale, key):
+    def policy(trainable, params, zs, task, scale, key):
+        """trainable: {'pi_head'} (+ {'task_emb'} for the official leak); everything else is frozen."""
         k_pi, k_qsel, k_drop = jax.random.split(key, 3)
-        p = dict(jax.lax.stop_gradient(params), pi_head=pi_params)
+        p = dict(jax.lax.stop_gradient(params), **trainable)
         T1 = zs.shape[0]
-        emb = embed_seq(jax.lax.stop_gradient(params), task, T1)
+        mcfg, p, _, emb = conditioned(p, task)
+        emb = seq(emb, T1)
         mask = jnp.broadcast_to(task_mask(task), (T1,) + task_mask(task).shape)
-        mean, log_std = networks.pi_dist(cfg, p, zs, emb, mask)
+        mean, log_std = networks.pi_dist(mcfg, p, zs, emb, mask)
         eps = jax.random.normal(k_pi, mean.shape) * mask
         action = jnp.tanh(mean + eps * jnp.exp(log_std))
         logp = tmath.gaussian_logprob(eps, log_std)  # pre-squash, summed over all A dims
-        qcfg, qs = networks.pick_two_qs(cfg, p["qs"], k_qsel)
+        qcfg, qs = networks.pick_two_qs(mcfg, p["qs"], k_qsel)
         q = networks.q_values(qcfg, qs, zs, action, emb, dropout_key=k_drop).mean(0)  # (H+1, B)
         new_scale = running_scale_update(scale, jax.lax.stop_gradient(q[0]), tcfg.scale_tau)
         q = q / new_scale

@@ -11,9 +11,7 @@ import csv
 import dataclasses
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from typing import Optional, Sequence
 
@@ -21,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tdmpc_jax import train
+from tdmpc_jax import atomic, train
 from tdmpc_jax.agent import Agent
 from tdmpc_jax.checkpoints.errors import CheckpointError
 from tdmpc_jax.config import ModelConfig, TrainConfig
@@ -53,42 +51,28 @@ def _ckpt_dir(out_dir):
     return os.path.join(os.path.abspath(out_dir), "train_state")
 
 
-def save_state(out_dir, state: train.TrainState, cfg: ModelConfig, tcfg: TrainConfig, extra=None):
+def write_state(path, state: train.TrainState, cfg: ModelConfig, tcfg: TrainConfig, extra=None):
+    """Write the train state (any TrainState fields) as an Orbax checkpoint at the new path `path`."""
     import orbax.checkpoint as ocp
-    from tdmpc_jax.checkpoints.orbax_io import _checkpointer
+    from tdmpc_jax.checkpoints.orbax_io import CHECKSUM_KEY, _checkpointer, array_checksums
     _, ck = _checkpointer()
-    target = _ckpt_dir(out_dir)
-    tmp = tempfile.mkdtemp(prefix=".tmp-state-", dir=os.path.abspath(out_dir))
+    tree = jax.tree_util.tree_map(np.asarray, state._asdict())
     meta = {"format": "tdmpc_jax-train-state", "step": int(state.step), "config": cfg.to_dict(),
-            "train_config": dataclasses.asdict(tcfg), **(extra or {})}
-    try:
-        ck.save(os.path.join(tmp, "s"), ocp.args.Composite(
-            state=ocp.args.PyTreeSave(jax.tree_util.tree_map(np.asarray, state._asdict())),
-            metadata=ocp.args.JsonSave(meta)))
-        old = target + ".old"
-        if os.path.exists(target):
-            os.rename(target, old)
-        os.rename(os.path.join(tmp, "s"), target)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            "train_config": dataclasses.asdict(tcfg), **(extra or {}), CHECKSUM_KEY: array_checksums(tree)}
+    ck.save(path, ocp.args.Composite(
+        state=ocp.args.PyTreeSave(tree),
+        metadata=ocp.args.JsonSave(meta)))
 
 
-def load_state(out_dir, like: train.TrainState):
-    """-> (state, meta) or None when there is no checkpoint; errors on a corrupt one."""
+def read_state(path, like: train.TrainState):
+    """-> (state, meta) from `write_state`'s checkpoint at `path`; CheckpointError when corrupt."""
     import orbax.checkpoint as ocp
     from tdmpc_jax.checkpoints.orbax_io import _checkpointer
-    target = _ckpt_dir(out_dir)
-    if not os.path.exists(target):
-        if os.path.exists(target + ".old"):  # killed between the two renames
-            os.rename(target + ".old", target)
-        else:
-            return None
     _, ck = _checkpointer()
     try:
         item = jax.tree_util.tree_map(np.asarray, like._asdict())
-        r = ck.restore(target, ocp.args.Composite(state=ocp.args.PyTreeRestore(item=item),
-                                                  metadata=ocp.args.JsonRestore()))
+        r = ck.restore(path, ocp.args.Composite(state=ocp.args.PyTreeRestore(item=item),
+                                                metadata=ocp.args.JsonRestore()))
         restored = r["state"]
         flat = jax.tree_util.tree_leaves(restored)
         leaves = jax.tree_util.tree_leaves(item)
@@ -96,14 +80,38 @@ def load_state(out_dir, like: train.TrainState):
             raise ValueError("state does not match the model/optimizer structure")
         state = train.TrainState(**jax.tree_util.tree_map(jnp.asarray, restored))
     except Exception as e:
-        raise CheckpointError(target, f"cannot resume: {type(e).__name__}: {str(e)[:200]}") from None
+        raise CheckpointError(path, f"cannot resume: {type(e).__name__}: {str(e)[:200]}") from None
+    from tdmpc_jax.checkpoints.orbax_io import CHECKSUM_KEY, verify_checksums
+    meta = r["metadata"] if isinstance(r["metadata"], dict) else {}
+    verify_checksums(path, restored, meta.get(CHECKSUM_KEY))  # states saved without checksums: unverified
     return state, r["metadata"]
+
+
+def save_state(out_dir, state: train.TrainState, cfg: ModelConfig, tcfg: TrainConfig, extra=None):
+    """Replace out_dir/train_state atomically (recoverable from a kill at any point, see tdmpc_jax.atomic)."""
+    atomic.replace_dir(_ckpt_dir(out_dir), lambda path: write_state(path, state, cfg, tcfg, extra))
+
+
+def load_state(out_dir, like: train.TrainState):
+    """-> (state, meta) or None when there is no checkpoint; errors on a corrupt one."""
+    target = _ckpt_dir(out_dir)
+    if not atomic.recover_dir(target):  # finishes or rolls back a save that was killed
+        return None
+    return read_state(target, like)
 
 
 def train_offline(cfg: ModelConfig, tcfg: TrainConfig, dataset: Dataset, out_dir: str, run: RunConfig,
                   teacher: Optional[Agent] = None, init: Optional[Agent] = None):
-    """Train (and resume) a student; writes out_dir/{train_state, agent, metrics.csv, metrics.jsonl, curve.png}."""
+    """Train (and resume) a student; writes out_dir/{train_state, agent, metrics.csv, metrics.jsonl, curve.png}.
+
+    One run per out_dir at a time (atomic.RunLock); a second one fails with the holder's pid."""
     os.makedirs(out_dir, exist_ok=True)
+    with atomic.RunLock(out_dir):
+        atomic.remove_stale(out_dir, ["train_state", "metrics.jsonl", "metrics.csv"], legacy=[".tmp-state-"])
+        return _train_offline(cfg, tcfg, dataset, out_dir, run, teacher, init)
+
+
+def _train_offline(cfg, tcfg, dataset, out_dir, run, teacher, init):
     dataset.check_compatible(cfg, "student")
     t_params, t_cfg = None, None
     if tcfg.uses_teacher:
@@ -172,26 +180,44 @@ def as_agent(cfg, state) -> Agent:
                  jax.tree_util.tree_map(np.asarray, state.target_qs), {"trained_steps": int(state.step)})
 
 
-def _truncate_log(path, step):
-    """Drop log lines past `step` (they belong to a run that was killed before checkpointing)."""
+def read_log(path):
+    """Rows of a metrics.jsonl; a torn last line (a kill during its append) is dropped."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = [l for l in f.read().split("\n") if l.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break  # torn by a kill while appending: the step it logged is redone on resume
+            raise ValueError(f"{path}: corrupt line {i + 1}: {e}") from None
+    return rows
+
+
+def _truncate_log(path, step, key="step"):
+    """Drop log rows past `step` (a run killed before checkpointing them) and a torn last line; atomic."""
     if not os.path.exists(path):
         return
-    keep = [l for l in open(path) if l.strip() and json.loads(l).get("step", 0) <= step]
-    with open(path, "w") as f:
-        f.writelines(keep)
+    keep = [r for r in read_log(path) if r.get(key, 0) <= step]
+    atomic.write_file(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def write_curves(out_dir):
     """metrics.csv and curve.png from metrics.jsonl."""
-    rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl")) if l.strip()]
+    rows = read_log(os.path.join(out_dir, "metrics.jsonl"))
     train_rows = [r for r in rows if "total_loss" in r]
     if not train_rows:
         return
     keys = sorted({k for r in train_rows for k in r})
-    with open(os.path.join(out_dir, "metrics.csv"), "w", newline="") as f:
+
+    def write_csv(f):
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(train_rows)
+    atomic.write_file(os.path.join(out_dir, "metrics.csv"), writer=write_csv)
     from tdmpc_jax.plots import learning_curve
     series = {k: [r[k] for r in train_rows] for k in keys if k.endswith("_loss") or k.startswith("distill_")}
     learning_curve([r["step"] for r in train_rows], series, os.path.join(out_dir, "curve.png"), "loss")

@@ -3,8 +3,8 @@ in one environment per task, stepping in lock-step, with `utd` updates per envir
 
 Follows the official online loop (reference doc §3, §5): seed_steps = max(1000, 5 x episode length)
 random steps, then as many updates as seed steps once, then `utd` updates per new step; whole
-episodes enter the replay buffer when they end. Checkpoints (train state, buffer, counters) are written
-at episode boundaries, atomically; a killed run resumes from the last one.
+episodes enter the replay buffer when they end. Checkpoints (train state, buffer, counters: one
+directory, swapped in atomically) are written at episode boundaries; a killed run resumes from the last one.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Sequence
 
@@ -20,13 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tdmpc_jax import planner, train
+from tdmpc_jax import atomic, planner, train
 from tdmpc_jax.agent import Agent
+from tdmpc_jax.checkpoints.errors import CheckpointError
 from tdmpc_jax.config import ModelConfig, TrainConfig
 from tdmpc_jax.data.replay import ReplayBuffer
 from tdmpc_jax.envs import BatchedEnv
 from tdmpc_jax.losses import Batch
-from tdmpc_jax.offline import as_agent, load_state, save_state
+from tdmpc_jax.offline import _truncate_log, as_agent, read_log, read_state, write_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,18 +61,50 @@ def task_config(tasks: Sequence[str], spec: str = "1") -> ModelConfig:
                                episode_lengths=tuple(ts.episode_lengths[i] for i in idx), model_size=None)
 
 
-def _save_extra(out_dir, buffer: ReplayBuffer, counters: dict):
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-buffer-", suffix=".npz")
-    os.close(fd)
-    np.savez(tmp, **buffer.state_dict())
-    os.replace(tmp, os.path.join(out_dir, "buffer.npz"))
-    with open(os.path.join(out_dir, ".counters.tmp"), "w") as f:
-        json.dump(counters, f)
-    os.replace(os.path.join(out_dir, ".counters.tmp"), os.path.join(out_dir, "counters.json"))
+def _ckpt_dir(out_dir):
+    return os.path.join(os.path.abspath(out_dir), "checkpoint")
+
+
+def save_checkpoint(out_dir, state, cfg: ModelConfig, tcfg: TrainConfig, buffer: ReplayBuffer, counters: dict):
+    """out_dir/checkpoint/{train_state, buffer.npz, counters.json}, replaced as ONE unit (tdmpc_jax.atomic)."""
+    def build(path):
+        os.makedirs(path)
+        write_state(os.path.join(path, "train_state"), state, cfg, tcfg, {"online": True})
+        np.savez(os.path.join(path, "buffer.npz"), **buffer.state_dict())
+        with open(os.path.join(path, "counters.json"), "w") as f:
+            json.dump(counters, f)
+    atomic.replace_dir(_ckpt_dir(out_dir), build)
+
+
+def load_checkpoint(out_dir, like, buffer: ReplayBuffer):
+    """-> (state, counters) of the last checkpoint (loading `buffer` in place), or None."""
+    path = _ckpt_dir(out_dir)
+    if not atomic.recover_dir(path):  # finishes or rolls back a save that was killed
+        legacy = os.path.join(os.path.abspath(out_dir), "counters.json")  # runs of older versions
+        if not (os.path.exists(legacy) and atomic.recover_dir(os.path.join(out_dir, "train_state"))):
+            return None
+        path = os.path.abspath(out_dir)
+    state, _ = read_state(os.path.join(path, "train_state"), like)
+    try:
+        with open(os.path.join(path, "counters.json")) as f:
+            counters = json.load(f)
+        with np.load(os.path.join(path, "buffer.npz")) as d:
+            buffer.load_state_dict(dict(d))
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(path, f"cannot resume: {type(e).__name__}: {str(e)[:200]}") from None
+    return state, counters
 
 
 def train_online(cfg: ModelConfig, tcfg: TrainConfig, ocfg: OnlineConfig, out_dir: str) -> Agent:
+    """Train (and resume) online; one run per out_dir at a time (a second fails with the holder's pid)."""
     os.makedirs(out_dir, exist_ok=True)
+    with atomic.RunLock(out_dir):
+        atomic.remove_stale(out_dir, ["checkpoint", "metrics.jsonl"],  # what a killed run was writing
+                            legacy=[".tmp-state-", ".tmp-buffer-", ".counters.tmp"])
+        return _train_online(cfg, tcfg, ocfg, out_dir)
+
+
+def _train_online(cfg: ModelConfig, tcfg: TrainConfig, ocfg: OnlineConfig, out_dir: str) -> Agent:
     tasks = list(ocfg.tasks)
     ids = np.asarray([cfg.task_index(t) for t in tasks], np.int32)
     n_env = len(tasks)
@@ -81,17 +113,15 @@ def train_online(cfg: ModelConfig, tcfg: TrainConfig, ocfg: OnlineConfig, out_di
     state = train.init_train_state(cfg, tcfg, jax.random.PRNGKey(ocfg.seed))
     buffer = ReplayBuffer(cfg.obs_dim, cfg.action_dim)
     counters = {"episode": 0, "env_steps": 0, "updates": 0}
-    resumed = load_state(out_dir, state)
-    if resumed is not None and os.path.exists(os.path.join(out_dir, "counters.json")):
-        state = resumed[0]
-        counters = json.load(open(os.path.join(out_dir, "counters.json")))
-        with np.load(os.path.join(out_dir, "buffer.npz")) as d:
-            buffer.load_state_dict(dict(d))
+    resumed = load_checkpoint(out_dir, state, buffer)
+    if resumed is not None:
+        state, counters = resumed
         print(f"resuming after episode {counters['episode']} ({counters['env_steps']} env steps)", file=sys.stderr)
     step_fn = train.make_train_step(cfg, tcfg, mesh=train.make_mesh(jax.devices()[:1]))
     pcfg = planner.PlannerConfig(mpc=ocfg.mpc)
     masks = np.asarray([[1.0] * d + [0.0] * (cfg.action_dim - d) for d in cfg.action_dims], np.float32)[ids]
     log_path = os.path.join(out_dir, "metrics.jsonl")
+    _truncate_log(log_path, counters["episode"], key="episode")  # rows of episodes after the checkpoint
     base_key = jax.random.PRNGKey(ocfg.seed)
     t0 = time.perf_counter()
     slots = [(t, ocfg.seed, counters["episode"]) for t in tasks]
@@ -154,8 +184,7 @@ def train_online(cfg: ModelConfig, tcfg: TrainConfig, ocfg: OnlineConfig, out_di
                 print("\n  " + "  ".join(f"{k} {v:.0f}" for k, v in row.items() if "return/" in k),
                       file=sys.stderr, flush=True)
             if counters["episode"] % ocfg.checkpoint_every == 0 or counters["episode"] == ocfg.episodes:
-                save_state(out_dir, state, cfg, tcfg, {"online": True})
-                _save_extra(out_dir, buffer, counters)
+                save_checkpoint(out_dir, state, cfg, tcfg, buffer, counters)
     agent = as_agent(cfg, state)
     agent.save(os.path.join(out_dir, "agent"), trained_steps=int(state.step), env_steps=counters["env_steps"])
     _online_curve(out_dir)
@@ -163,7 +192,7 @@ def train_online(cfg: ModelConfig, tcfg: TrainConfig, ocfg: OnlineConfig, out_di
 
 
 def _online_curve(out_dir):
-    rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl")) if l.strip()]
+    rows = read_log(os.path.join(out_dir, "metrics.jsonl"))
     series = {k: [r[k] for r in rows if k in r] for k in sorted({k for r in rows for k in r if k.startswith("eval_return/")})}
     if series:
         from tdmpc_jax.plots import learning_curve

@@ -64,3 +64,60 @@ def learning_curve(steps: Sequence[int], series: Dict[str, Sequence[float]], out
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def study_scaling(summary: dict, out_png: str):
+    """The distillation study: MT30 score (MPPI, mean with 95% CI) vs learnable params, one line per arm,
+    the teacher as a horizontal line; the policy prior in a second panel."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
+    arms = sorted({g["arm"] for g in summary["groups"].values()}, key=lambda a: (a != "scratch", a))
+    t = summary["teacher"]
+    for ax, key, teacher_score, title in ((axes[0], "mppi", t["mppi_normalized_score"], "MPPI (official settings)"),
+                                          (axes[1], "pi", t["pi_normalized_score"], "policy prior")):
+        for i, arm in enumerate(arms):
+            gs = sorted((g for g in summary["groups"].values() if g["arm"] == arm), key=lambda g: g["learnable_params"])
+            x = np.array([g["learnable_params"] for g in gs], float) * (1 + 0.03 * (i - len(arms) / 2))
+            m = np.array([g[key]["mean"] for g in gs])
+            lo = m - np.array([g[key]["mean_ci95"][0] for g in gs])
+            hi = np.array([g[key]["mean_ci95"][1] for g in gs]) - m
+            ax.errorbar(x, m, yerr=[lo, hi], marker="o", capsize=4, label=f"{arm} ({', '.join(str(len(g['seeds'])) for g in gs)} seeds)")
+        if teacher_score is not None:
+            ax.axhline(teacher_score, color="k", ls="--", lw=1, label=f"teacher ({t['learnable_params'] / 1e6:.2f}M): {teacher_score:.1f}")
+        ax.set_xscale("log")
+        ax.set_xlabel("student learnable parameters")
+        ax.set_ylabel("MT30 normalized score")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Distilling the released TD-MPC-Opt 1M agent: score vs size (95% stratified-bootstrap CIs)")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def study_per_task(scores: Dict[str, np.ndarray], tasks: Sequence[str], teacher: Dict[str, float], out_png: str,
+                   title: str):
+    """Per-task bars (mean over runs, min-max whiskers) for each arm, the teacher as a marker."""
+    plt = _plt()
+    arms = list(scores)
+    fig, ax = plt.subplots(figsize=(max(12, 0.55 * len(tasks) * len(arms) / 1.5), 5))
+    width = 0.8 / len(arms)
+    x = np.arange(len(tasks))
+    for i, arm in enumerate(arms):
+        s = scores[arm]
+        m = s.mean(0)
+        ax.bar(x + (i - (len(arms) - 1) / 2) * width, m, width, yerr=[m - s.min(0), s.max(0) - m], capsize=1.5,
+               label=f"{arm} ({s.shape[0]} seeds)", error_kw={"lw": 0.7})
+    ax.scatter(x, [teacher[t] for t in tasks], marker="_", s=120, color="k", zorder=3, label="teacher")
+    ax.set_xticks(x)
+    ax.set_xticklabels(tasks, rotation=70, ha="right", fontsize=8)
+    ax.set_ylabel("score (return / 10)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)

@@ -1,7 +1,14 @@
 """Train state and the TD-MPC2 update: one jitted step, data-parallel over a device mesh.
 
 `make_train_step(cfg, tcfg, teacher_cfg, mesh)` returns step(state, batch, teacher_params) -> (state,
-metrics). With a mesh of several devices the batch is sharded along its batch axis and params are
+metrics).
+
+Task embedding (official nn.Embedding(max_norm=1)): PyTorch renormalises the looked-up rows IN the
+stored weight before each lookup, so the optimiser steps from the rescaled rows and the gradient is
+that of a plain row. The update does the same, at the two points where the official update looks
+them up: before the TD-target/world-model pass and before the policy pass (after the Adam step).
+With `policy_emb_leak` the policy loss's embedding gradient is kept in the state and added to the
+next step's world-model gradient (before clipping), as the official 'new' code does. With a mesh of several devices the batch is sharded along its batch axis and params are
 replicated; XLA all-reduces the gradients, so the result equals one device on the same global batch.
 Multi-host: call `init_distributed(...)` first; the mesh then spans every process's devices.
 """
@@ -28,6 +35,7 @@ class TrainState(NamedTuple):
     pi_opt: Any          # optimizer state of pi_head
     scale: jax.Array     # RunningScale value
     step: jax.Array
+    emb_leak: Any = None  # policy_emb_leak: the last policy loss's task-embedding gradient (zeros otherwise)
 
 
 def split_pi(params):
@@ -52,32 +60,43 @@ def init_train_state(cfg: ModelConfig, tcfg: TrainConfig, key=None, params=None,
     target_qs = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), target_qs)
     wm, pi = make_optimizers(tcfg)
     rest, pi_params = split_pi(params)
-    return TrainState(params, target_qs, wm.init(rest), pi.init(pi_params), jnp.float32(1.0), jnp.int32(0))
+    leak = jnp.zeros_like(params["task_emb"]["embedding"]) if cfg.multitask else jnp.zeros(())
+    return TrainState(params, target_qs, wm.init(rest), pi.init(pi_params), jnp.float32(1.0), jnp.int32(0), leak)
 
 
-def make_update(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[ModelConfig] = None):
-    """The pure update: (state, batch, key, teacher_params) -> (state, metrics)."""
-    losses = make_losses(cfg, tcfg, teacher_cfg)
+def make_update(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[ModelConfig] = None,
+                fused: bool = True):
+    """The pure update: (state, batch, key, teacher_params) -> (state, metrics).
+
+    fused=False runs the plain computation (`losses.make_losses`); the tests pin both to each other."""
+    losses = make_losses(cfg, tcfg, teacher_cfg, fused)
     wm_opt, pi_opt = make_optimizers(tcfg)
+
+    leak = tcfg.policy_emb_leak and cfg.multitask
 
     def update(state: TrainState, batch: Batch, key, teacher_params=None):
         k_wm, k_pi = jax.random.split(key)
-        rest, pi_params = split_pi(state.params)
+        params = networks.write_back_max_norm(cfg, state.params, batch.task)  # TD-target / model lookups
+        rest, pi_params = split_pi(params)
 
         def wm_loss(rest):
             return losses.world_model(dict(rest, pi_head=pi_params), state.target_qs, batch, k_wm, teacher_params)
         (loss, (metrics, zs)), grads = jax.value_and_grad(wm_loss, has_aux=True)(rest)
+        if leak:  # torch accumulates the previous policy backward's embedding grad into this one
+            grads = dict(grads, task_emb={"embedding": grads["task_emb"]["embedding"] + state.emb_leak})
         metrics["grad_norm"] = optax.global_norm(grads)
         upd, wm_state = wm_opt.update(grads, state.wm_opt, rest)
         rest = optax.apply_updates(rest, upd)
-        params = dict(rest, pi_head=pi_params)
+        params = networks.write_back_max_norm(cfg, dict(rest, pi_head=pi_params), batch.task)  # policy lookup
+        trainable = {"pi_head": pi_params, "task_emb": params["task_emb"]} if leak else {"pi_head": pi_params}
         (pi_loss, (pi_metrics, scale)), pi_grads = jax.value_and_grad(losses.policy, has_aux=True)(
-            pi_params, params, zs, batch.task, state.scale, k_pi)
-        pi_upd, pi_state = pi_opt.update(pi_grads, state.pi_opt, pi_params)
-        params = dict(rest, pi_head=optax.apply_updates(pi_params, pi_upd))
+            trainable, params, zs, batch.task, state.scale, k_pi)
+        pi_upd, pi_state = pi_opt.update(pi_grads["pi_head"], state.pi_opt, pi_params)
+        params = dict(params, pi_head=optax.apply_updates(pi_params, pi_upd))
         target = jax.tree_util.tree_map(lambda t, o: (1 - tcfg.tau) * t + tcfg.tau * o, state.target_qs, params["qs"])
         metrics.update(pi_metrics)
-        return TrainState(params, target, wm_state, pi_state, scale, state.step + 1), metrics
+        emb_leak = pi_grads["task_emb"]["embedding"] if leak else state.emb_leak
+        return TrainState(params, target, wm_state, pi_state, scale, state.step + 1, emb_leak), metrics
 
     return update
 

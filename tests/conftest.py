@@ -1,4 +1,5 @@
-"""Shared test fixtures: paths into ../shared (reference outputs of the official code)."""
+"""Test fixtures, all inside the repository: the released TD-MPC-Opt checkpoints (checkpoints/td-mpc-opt)
+and reference outputs of the official code (tests/data/reference)."""
 import os
 
 os.environ.setdefault("MUJOCO_GL", "disable")
@@ -8,16 +9,14 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(REPO), "shared")
-FIXTURES = os.path.join(SHARED, "fixtures")
-if not os.path.isdir(FIXTURES):
-    raise RuntimeError(f"reference material not found at {SHARED}: tests need ../shared beside the repo")
+RELEASED = os.path.join(REPO, "checkpoints", "td-mpc-opt")  # TD-MPC-Opt release (MIT), committed
+REFERENCE = os.path.join(REPO, "tests", "data", "reference")  # official-code outputs, see its README
 
-FP16_CKPT = os.path.join(FIXTURES, "td-mpc-opt", "mt30_1M_steps_045dist_fp16.pt")
-INT8_CKPT = os.path.join(FIXTURES, "td-mpc-opt", "mt30_1M_steps_045dist_int8.pt")
-MIXED_CKPT = os.path.join(FIXTURES, "td-mpc-opt", "mt30_1M_steps_045dist_mixed.pt")
-MODEL_OUTPUTS = os.path.join(FIXTURES, "reference", "model_outputs_mt30_1M.json")
-ENV_REPLAY = os.path.join(FIXTURES, "reference", "env_replay_mt30.json")
+FP16_CKPT = os.path.join(RELEASED, "mt30_1M_steps_045dist_fp16.pt")
+INT8_CKPT = os.path.join(RELEASED, "mt30_1M_steps_045dist_int8.pt")
+MIXED_CKPT = os.path.join(RELEASED, "mt30_1M_steps_045dist_mixed.pt")
+MODEL_OUTPUTS = os.path.join(REFERENCE, "model_outputs_mt30_1M.json")
+ENV_REPLAY = os.path.join(REFERENCE, "env_replay_mt30.json")
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,10 @@ with open(ENV_REPLAY) as f:
     REPLAY = json.load(f)
 # contact-rich tasks where float noise in the first actions (~3e-5, the reference's own noise)
 # grows until the trajectory departs; everything else must match the official return to 1e-3
-CHAOTIC = {"walker-walk", "cheetah-run", "cheetah-run-backwards", "cheetah-run-front", "cheetah-run-back"}
+# finger-turn-easy joined them on this project's current CPUs: its actions depart from the reference at
+# step 66 (its 0/1 reward then gives 854 instead of 853), with the code of the last release as well
+CHAOTIC = {"walker-walk", "cheetah-run", "cheetah-run-backwards", "cheetah-run-front", "cheetah-run-back",
+           "finger-turn-easy"}
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +115,8 @@ def test_cli_writes_results_and_compares(tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--tasks=walker-fly"], "not in the checkpoint's task set"),
+    (["--tasks=walker-fly"], "unknown task 'walker-fly'"),
+    (["--tasks=mw-reach"], "Meta-World"),
     (["--output=/proc/nope"], "not writable"),
     (["--checkpoint=/nonexistent.pt"], "no such file"),
 ])

@@ -192,7 +192,7 @@ def test_policy_loss_matches_numpy(setup, variant):
     tcfg = TrainConfig(horizon=H, policy_loss=variant)
     zs = jax.random.uniform(jax.random.PRNGKey(1), (H + 1, B, 16))
     key = jax.random.PRNGKey(9)
-    loss, (m, scale) = make_losses(cfg, tcfg).policy(params["pi_head"], params, zs, batch.task, jnp.float32(1.0), key)
+    loss, (m, scale) = make_losses(cfg, tcfg).policy({"pi_head": params["pi_head"]}, params, zs, batch.task, jnp.float32(1.0), key)
     k_pi, _, _ = jax.random.split(key, 3)
     masks = np.array([[1, 1], [1, 0], [1, 1]], np.float64)[batch.task]
     emb = np.broadcast_to(np_emb(params, batch.task), (H + 1, B, 8))

@@ -1,6 +1,7 @@
 """Orbax checkpoints of our own: params + target Qs + config metadata, loadable with nothing else."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from tdmpc_jax.config import ModelConfig
 
 FORMAT_NAME = "tdmpc_jax"
 FORMAT_VERSION = 1
+CHECKSUM_KEY = "array_sha256"  # metadata: {"params/encoder/...": SHA-256 hex of the array's bytes}
 
 
 def _checkpointer():
@@ -35,10 +37,10 @@ def save_orbax(directory, params, target_qs, cfg: ModelConfig, extra_metadata=No
     if not os.access(parent, os.W_OK):
         raise CheckpointError(directory, "output directory is not writable")
     ocp, ckptr = _checkpointer()
-    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": cfg.to_dict(),
-            **(extra_metadata or {}), "param_format": param_format}
     state = {"params": params, "target_qs": target_qs}
     state = jax.tree_util.tree_map(np.asarray, state)
+    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": cfg.to_dict(),
+            **(extra_metadata or {}), "param_format": param_format, CHECKSUM_KEY: array_checksums(state)}
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(directory) + "-", dir=parent)
     try:
         ckptr.save(os.path.join(tmp, "ckpt"), ocp.args.Composite(
@@ -98,7 +100,52 @@ def load_orbax(directory):
     except (ValueError, TypeError, AttributeError, KeyError) as e:
         raise CheckpointError(directory, f"corrupt {meta.get('param_format', 'fp32')} parameters: {e}") from None
     check_tree(directory, deq, want)
-    return got[0], got[1], cfg, meta
+    verify_checksums(directory, state, meta.get(CHECKSUM_KEY))
+    return got[0], got[1], cfg, {k: v for k, v in meta.items() if k != CHECKSUM_KEY}
+
+
+def _leaf_name(path) -> str:
+    """'params/encoder/layer_0/dense/kernel' for a key path (dict keys, sequence indices, attributes)."""
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def array_checksums(tree) -> dict:
+    """{leaf name: SHA-256 hex of the leaf's array bytes (C order, native dtype)} for every leaf of `tree`."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        out[_leaf_name(path)] = hashlib.sha256(memoryview(a.reshape(-1).view(np.uint8))).hexdigest()
+    return out
+
+
+def verify_checksums(path, tree, checksums) -> bool:
+    """CheckpointError naming the first array of `tree` whose bytes differ from the checksum saved with it.
+
+    `checksums` None (a checkpoint written before checksums existed): nothing to verify, returns False.
+    """
+    if checksums is None:
+        return False
+    if not isinstance(checksums, dict):
+        raise CheckpointError(path, f"corrupt metadata: {CHECKSUM_KEY} is not a mapping")
+    got = array_checksums(tree)
+    for name, digest in got.items():
+        if name not in checksums:
+            raise CheckpointError(path, f"array {name} has no checksum in the metadata")
+        if digest != checksums[name]:
+            raise CheckpointError(path, f"array {name} is corrupt: its SHA-256 {digest[:16]}... differs from "
+                                        f"the {str(checksums[name])[:16]}... saved with it")
+    missing = sorted(set(checksums) - set(got))
+    if missing:
+        raise CheckpointError(path, f"array {missing[0]} is missing (the metadata has its checksum)")
+    return True
 
 
 def check_tree(path, got, want):

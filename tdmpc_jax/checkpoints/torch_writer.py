@@ -8,12 +8,12 @@ from __future__ import annotations
 import io
 import os
 import struct
-import tempfile
 import zipfile
 from typing import Any, Mapping
 
 import numpy as np
 
+from tdmpc_jax import atomic
 from tdmpc_jax.checkpoints.torch_reader import TorchSize
 
 _STORAGE_OF = {np.dtype(np.float32): "FloatStorage", np.dtype(np.float16): "HalfStorage",
@@ -116,17 +116,13 @@ def write_torch_file(path, obj: Mapping, archive_name: str = "archive"):
     em.value(obj)
     em.op(b".")
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
             zf.writestr(f"{archive_name}/data.pkl", em.out.getvalue())
             zf.writestr(f"{archive_name}/byteorder", "little")
             for i, arr in enumerate(em.storages):
                 zf.writestr(f"{archive_name}/data/{i}", arr.tobytes())
             zf.writestr(f"{archive_name}/version", "3\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic.write_file(path, writer=write, binary=True)
     return path

@@ -11,8 +11,14 @@ from tdmpc_jax.planner import PlannerConfig
 
 
 def collect(agent: Agent, tasks, episodes: int, out_path, pcfg: PlannerConfig, seed: int = 1,
-            eval_mode: bool = False, progress: bool = True) -> Dataset:
-    """`episodes` episodes per task (batched); eval_mode=False adds the planner's exploration noise."""
+            eval_mode: bool = False, progress: bool = True, overwrite: bool = False) -> Dataset:
+    """`episodes` episodes per task (batched); eval_mode=False adds the planner's exploration noise.
+
+    out_path must be new, an empty directory or a dataset (replaced at the end), unless `overwrite`."""
+    from tdmpc_jax.results_io import check_output
+    check_output(out_path, "dataset", overwrite)  # before any episode is played
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
     cfg = agent.config
     tasks = resolve_tasks(agent, tasks)
     check_dims(agent, tasks)
@@ -32,7 +38,7 @@ def collect(agent: Agent, tasks, episodes: int, out_path, pcfg: PlannerConfig, s
     returns, _ = run_episodes(agent, slots, pcfg, seed, eval_mode, progress=progress, on_step=on_step)
     obs, act, rew = np.stack(obs_l, 1), np.stack(act_l, 1), np.stack(rew_l, 1)  # (n, T+1, ...)
     with DatasetWriter(out_path, cfg.obs_dim, cfg.action_dim, cfg.tasks if cfg.multitask else tasks,
-                       cfg.task_set) as w:
+                       cfg.task_set, overwrite=overwrite) as w:
         for i, (task, _, _) in enumerate(slots):
             w.add_episode(obs[i], act[i], rew[i], cfg.task_index(task) if cfg.multitask else 0)
     ds = Dataset(out_path)

@@ -23,6 +23,7 @@ import numpy as np
 FORMAT = "tdmpc_jax-dataset"
 VERSION = 1
 _FIELDS = {"obs": np.float32, "action": np.float32, "reward": np.float32, "task": np.int32}
+VALUE_LIMIT = 1e6  # |obs|, |action|, |reward| above this is corrupt data (e.g. 3e38), not a state
 
 
 class DatasetError(ValueError):
@@ -33,8 +34,11 @@ class DatasetError(ValueError):
 class DatasetWriter:
     """Append whole episodes; `close()` validates and renames the temp dir into place (atomic)."""
 
-    def __init__(self, path, obs_dim: int, action_dim: int, tasks: Sequence[str], task_set: Optional[str] = None):
-        self.path = os.path.abspath(os.fspath(path))
+    def __init__(self, path, obs_dim: int, action_dim: int, tasks: Sequence[str], task_set: Optional[str] = None,
+                 overwrite: bool = False):
+        from tdmpc_jax.results_io import check_output
+        self.path = check_output(path, "dataset", overwrite)  # only an empty dir or a dataset is replaced
+        self.overwrite = overwrite
         parent = os.path.dirname(self.path)
         os.makedirs(parent, exist_ok=True)
         self._tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(self.path) + "-", dir=parent)
@@ -52,6 +56,8 @@ class DatasetWriter:
             raise ValueError(f"task id {task} outside [0, {len(self.tasks)})")
         if not (np.all(np.isfinite(reward[1:])) and np.all(np.isfinite(obs)) and np.all(np.isfinite(action[1:]))):
             raise ValueError("episode contains NaN/Inf outside the filler entry")
+        if max(np.abs(obs).max(), np.abs(action[1:]).max(), np.abs(reward[1:]).max()) > VALUE_LIMIT:
+            raise ValueError(f"episode contains values beyond +-{VALUE_LIMIT:g}")
         pad = lambda x, d: np.pad(x, ((0, 0), (0, d - x.shape[1])))
         self._files["obs"].write(pad(obs, self.obs_dim).tobytes())
         self._files["action"].write(pad(np.nan_to_num(action), self.action_dim).tobytes())
@@ -66,11 +72,18 @@ class DatasetWriter:
         meta = {"format": FORMAT, "version": VERSION, "num_steps": self._starts[-1],
                 "num_episodes": len(self._starts) - 1, "obs_dim": self.obs_dim, "action_dim": self.action_dim,
                 "tasks": self.tasks, "task_set": self.task_set}
-        with open(os.path.join(self._tmp, "meta.json"), "w") as f:
-            json.dump(meta, f)
-        if os.path.exists(self.path):
-            shutil.rmtree(self.path)
-        os.rename(self._tmp, self.path)
+        try:
+            with open(os.path.join(self._tmp, "meta.json"), "w") as f:
+                json.dump(meta, f)
+            from tdmpc_jax import atomic
+            from tdmpc_jax.results_io import check_output
+            check_output(self.path, "dataset", self.overwrite)  # again: something may have appeared meanwhile
+            if os.path.isfile(self.path) or os.path.islink(self.path):  # only reachable with overwrite
+                os.remove(self.path)
+            atomic.replace_dir(self.path, lambda built: os.rename(self._tmp, built))  # old one replaced whole
+        except BaseException:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            raise
         return Dataset(self.path)
 
     def abort(self):
@@ -100,16 +113,45 @@ class Dataset:
             raise DatasetError(self.path, "not a dataset (no meta.json)") from None
         except (OSError, json.JSONDecodeError) as e:
             raise DatasetError(self.path, f"corrupt meta.json ({e})") from None
-        if self.meta.get("format") != FORMAT:
-            raise DatasetError(self.path, "not a tdmpc_jax dataset")
-        n, e = int(self.meta["num_steps"]), int(self.meta["num_episodes"])
-        self.obs_dim, self.action_dim = int(self.meta["obs_dim"]), int(self.meta["action_dim"])
+        self._check_meta()
+        n, e = self.meta["num_steps"], self.meta["num_episodes"]
+        self.obs_dim, self.action_dim = self.meta["obs_dim"], self.meta["action_dim"]
         self.tasks = list(self.meta["tasks"])
         shapes = {"obs": (n, self.obs_dim), "action": (n, self.action_dim), "reward": (n,), "task": (n,)}
         self.arrays = {k: self._map(k, _FIELDS[k], shapes[k]) for k in _FIELDS}
         self.episodes = np.asarray(self._map("episodes", np.int64, (e + 1,)))
         self.num_steps, self.num_episodes = n, e
         self._validate(check_values)
+
+    def _check_meta(self):
+        """Every key present with the right type and range, before any array is mapped."""
+        m = self.meta
+        if not isinstance(m, dict) or m.get("format") != FORMAT:
+            raise DatasetError(self.path, "not a tdmpc_jax dataset (meta.json format)")
+        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+        v = m.get("version")
+        if not is_int(v):
+            raise DatasetError(self.path, f"meta.json: 'version' missing or not an integer ({v!r})")
+        if v != VERSION:
+            raise DatasetError(self.path, f"meta.json: unsupported dataset version {v} (this tdmpc_jax reads "
+                                          f"version {VERSION})")
+        for k, lo in (("num_steps", 0), ("num_episodes", 1), ("obs_dim", 1), ("action_dim", 1)):
+            if k not in m:
+                raise DatasetError(self.path, f"meta.json: missing {k!r}")
+            if not is_int(m[k]) or m[k] < lo:
+                raise DatasetError(self.path, f"meta.json: {k!r} must be an integer >= {lo}, got {m[k]!r}")
+        t = m.get("tasks")
+        if not isinstance(t, list) or not t or not all(isinstance(x, str) and x for x in t):
+            raise DatasetError(self.path, f"meta.json: 'tasks' must be a non-empty list of task names, got {t!r}")
+        if len(set(t)) != len(t):
+            raise DatasetError(self.path, "meta.json: 'tasks' lists a task twice")
+        ts = m.get("task_set")
+        if ts is not None:
+            from tdmpc_jax.config import TASK_SETS
+            if ts not in TASK_SETS:
+                raise DatasetError(self.path, f"meta.json: unknown 'task_set' {ts!r}")
+            if list(TASK_SETS[ts].tasks[:len(t)]) != t:
+                raise DatasetError(self.path, f"meta.json: 'tasks' is not the {ts} task list")
 
     def _map(self, name, dtype, shape):
         fn = os.path.join(self.path, f"{name}.bin")
@@ -132,15 +174,32 @@ class Dataset:
             return
         starts = np.zeros(self.num_steps, bool)
         starts[ep[:-1]] = True
-        chunk = 1 << 22
+        lim = VALUE_LIMIT
+        width = max(self.obs_dim, self.action_dim, 1)
+        chunk = max(1 << 12, (1 << 24) // width)  # rows per pass: ~64 MB of obs
         for i in range(0, self.num_steps, chunk):
+            st = starts[i:i + chunk]
             r = np.asarray(self.arrays["reward"][i:i + chunk])
-            bad = ~np.isfinite(r) & ~starts[i:i + chunk]
+            bad = ~(np.abs(r) <= lim) & ~st
             if bad.any():
-                raise DatasetError(self.path, f"NaN/Inf reward at step {i + int(np.argmax(bad))} (not a filler entry)")
+                k = int(np.argmax(bad))
+                what = "NaN/Inf reward" if not np.isfinite(r[k]) else f"reward {float(r[k]):g} (beyond +-{lim:g})"
+                raise DatasetError(self.path, f"{what} at step {i + k} (not a filler entry)")
             t = np.asarray(self.arrays["task"][i:i + chunk])
             if t.min() < 0 or t.max() >= len(self.tasks):
                 raise DatasetError(self.path, f"task ids outside [0, {len(self.tasks)})")
+            prev = np.asarray(self.arrays["task"][i - 1:i]) if i else t[:1]
+            changed = (t != np.concatenate([prev, t[:-1]])) & ~st
+            if changed.any():
+                raise DatasetError(self.path, f"task id changes inside an episode at step {i + int(np.argmax(changed))}")
+            for name, rows_ok in (("obs", None), ("action", ~st)):
+                x = np.asarray(self.arrays[name][i:i + chunk])
+                if rows_ok is not None:
+                    x = x[rows_ok]  # an episode's first action is filler
+                if x.size and not (x.min() >= -lim and x.max() <= lim):  # NaN fails both comparisons
+                    row = np.nonzero(~np.all(np.abs(x) <= lim, axis=1))[0][0]
+                    step = i + (int(row) if rows_ok is None else int(np.nonzero(rows_ok)[0][row]))
+                    raise DatasetError(self.path, f"{name} at step {step} holds NaN, Inf or values beyond +-{lim:g}")
 
     def check_compatible(self, cfg, who="model"):
         """Raise unless the dataset's dims and task list fit a ModelConfig."""

@@ -54,16 +54,22 @@ def _read_tensordict(path):
     return {f: td[f].float().numpy() if f != "task" else td[f].numpy() for f in FIELDS}
 
 
-def import_chunks(paths: Sequence[str], out_path, tasks: Sequence[str], task_set=None, progress=True):
-    """Write every episode of every chunk into one dataset (obs padded / actions as stored)."""
+def import_chunks(paths: Sequence[str], out_path, tasks: Sequence[str], task_set=None, progress=True,
+                  overwrite=False):
+    """Write every episode of every chunk into one dataset (obs padded / actions as stored).
+
+    out_path must be new, an empty directory or a dataset (replaced at the end), unless `overwrite`."""
     if not paths:
         raise ValueError("no chunk files given")
+    from tdmpc_jax.results_io import check_output
+    check_output(out_path, "dataset", overwrite)
     writer = None
     try:
         for i, p in enumerate(paths):
             c = read_chunk(p)
             if writer is None:
-                writer = DatasetWriter(out_path, c["obs"].shape[-1], c["action"].shape[-1], tasks, task_set)
+                writer = DatasetWriter(out_path, c["obs"].shape[-1], c["action"].shape[-1], tasks, task_set,
+                                       overwrite=overwrite)
             elif (c["obs"].shape[-1], c["action"].shape[-1]) != (writer.obs_dim, writer.action_dim):
                 raise DatasetError(p, "obs/action dims differ from the first chunk")
             for e in range(c["obs"].shape[0]):

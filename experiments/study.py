@@ -1,0 +1,93 @@
+"""The MT30 distillation study (issue: does distillation work below 1M?), as resumable units.
+
+  python experiments/study.py --stage=1                 # main size: scratch vs reward vs best, 3 seeds
+  python experiments/study.py --stage=2                 # other sizes, the 1.4M control, the ablation
+  python experiments/study.py --report                  # tables + figures from the finished units
+  python experiments/study.py --stage=1 --only=0.23M-best-s1   # one unit (e.g. on a GPU machine)
+Teacher: the released TD-MPC-Opt 1M student (checkpoints/td-mpc-opt, MIT). Rerunning skips finished
+units and resumes killed ones (see tdmpc_jax/study.py for the layout of --output).
+"""
+import json
+import os
+import sys
+import time
+
+from absl import flags
+
+from tdmpc_jax import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = flags.FLAGS
+flags.DEFINE_string("teacher", os.path.join(REPO, "checkpoints", "td-mpc-opt", "mt30_1M_steps_045dist_fp16.pt"),
+                    "teacher checkpoint (MT30)")
+flags.DEFINE_string("output", os.path.join(REPO, "runs", "study"), "study directory (units, data)")
+flags.DEFINE_string("results", os.path.join(REPO, "docs", "results", "study"), "where --report writes")
+flags.DEFINE_string("teacher_mppi", os.path.join(REPO, "tests", "data", "reference", "released_1M_mppi_mt30_10ep.json"),
+                    "the teacher's MPPI evaluation (results.json format): the reference line")
+flags.DEFINE_integer("stage", 1, "1: main comparison; 2: sizes, control, ablation")
+flags.DEFINE_list("only", [], "run only these units (names as in runs/, e.g. 0.23M-best-s1)")
+flags.DEFINE_bool("report", False, "rebuild the tables and figures from finished units, then exit")
+flags.DEFINE_integer("steps", 10_000, "updates per student")
+flags.DEFINE_integer("batch_size", 256, "batch size")
+flags.DEFINE_integer("collect_episodes", 20, "teacher episodes per task in the dataset")
+flags.DEFINE_integer("mppi_episodes", 3, "MPPI evaluation episodes per task")
+flags.DEFINE_integer("pi_episodes", 10, "policy-prior evaluation episodes per task")
+cli.existing_path("teacher", "teacher_mppi")
+cli.positive_int("steps", "batch_size", "collect_episodes", "mppi_episodes", "pi_episodes")
+cli.int_range("stage", lo=1, hi=2)
+cli.output("output", "study")
+cli.output("results", "study-results")
+
+
+def _check_only(v):
+    from tdmpc_jax.study import stage_units
+    names = [u.name for u in stage_units(v["stage"])] if v["stage"] in (1, 2) else []
+    bad = [n for n in v["only"] or [] if n not in names]
+    if bad:
+        raise ValueError(f"--only={','.join(v['only'])}: {bad[0]!r} is not a stage-{v['stage']} unit "
+                         f"(e.g. {names[0] if names else '?'})")
+
+
+cli.check(("only", "stage"), _check_only)
+
+
+def main(argv):
+    del argv
+    from tdmpc_jax import study
+    out = FLAGS.output
+    scfg = study.StudyConfig(steps=FLAGS.steps, batch_size=FLAGS.batch_size, collect_episodes=FLAGS.collect_episodes,
+                             pi_episodes=FLAGS.pi_episodes, mppi_episodes=FLAGS.mppi_episodes)
+    units = study.stage_units(FLAGS.stage)
+    if FLAGS.only:
+        units = [u for u in units if u.name in FLAGS.only]
+    teacher_mppi = _read_json(FLAGS.teacher_mppi)
+    import tdmpc_jax
+    from tdmpc_jax.planner import PlannerConfig
+    teacher = tdmpc_jax.load_checkpoint(FLAGS.teacher)
+    from tdmpc_jax.results_io import claim_output
+    if FLAGS.report:
+        claim_output(FLAGS.results, "study-results", FLAGS.overwrite)
+        pi_path = os.path.join(out, "teacher", "eval_pi", "results.json")
+        teacher_pi = _read_json(pi_path) if os.path.exists(pi_path) else None
+        s = study.report(out, FLAGS.results, teacher_mppi, teacher_pi, teacher.num_params()["learnable"])
+        print(open(os.path.join(FLAGS.results, "summary.md")).read())
+        return
+    claim_output(out, "study", FLAGS.overwrite)
+    ds = study.ensure_data(out, teacher, scfg)
+    study._evaluate_into(os.path.join(out, "teacher", "eval_pi"), teacher, study.study_tasks(teacher, scfg),
+                         scfg.pi_episodes, PlannerConfig(mpc=False), True)
+    t0 = time.perf_counter()
+    for i, u in enumerate(units):
+        rec = study.run_unit(out, u, teacher, ds, scfg, REPO, log=lambda m: print(m, flush=True))
+        el = time.perf_counter() - t0
+        print(f"== unit {i + 1}/{len(units)} {u.name}: MPPI {rec['mppi_normalized_score']:.1f}, policy prior "
+              f"{rec['pi_normalized_score']:.1f} (this sitting {el / 60:.0f} min)", flush=True)
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,296 @@
+"""The MT30 distillation study as resumable units: one run = one directory with a done marker.
+
+Layout of a study directory (`experiments/study.py --output=DIR`):
+  DIR/data/                 the teacher's dataset (collected once; DIR/data/DONE)
+  DIR/teacher/eval_pi/      the teacher's policy-prior evaluation (the MPPI line is the reference file)
+  DIR/runs/<size>-<arm>-s<seed>/
+      unit.json             size, dims, arm, coefficients, seed, steps, batch, git commit
+      train/                `offline.train_offline` (train_state, metrics, curve.png, agent/)
+      eval_pi/results.json  policy prior, PI_EPISODES per task, eval_mode=True
+      eval_mppi/results.json  MPPI with the official planner settings, MPPI_EPISODES per task
+      DONE                  written last: {scores, wall times}
+A unit skips every part that already exists (training resumes from its last checkpoint), so a killed
+study restarts where it stopped and finished units are never redone. `report` rebuilds every table and
+figure from the finished units only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from tdmpc_jax import atomic
+
+# Students (enc_dim, mlp_dim, latent_dim; task_dim 96 and the rest as in the official 1M model), by
+# learnable parameters on MT30 (the teacher, the official 1M architecture, has 1,426,427).
+SIZES: Dict[str, str] = {
+    "0.1M": "48,64,32",      # 97,931 learnable
+    "0.23M": "64,128,32",    # 228,475 (6.2x fewer than the teacher)
+    "0.35M": "96,160,64",    # 346,811 (4.1x fewer)
+    "0.67M": "128,256,64",   # 670,843
+    "1.4M": "1",             # the teacher's own architecture: self-distillation control
+}
+MAIN_SIZE = "0.23M"
+
+# Arms: TrainConfig distillation coefficients (all other settings official).
+ARMS: Dict[str, Dict[str, float]] = {
+    "scratch": {},
+    "reward": {"distill_coef": 0.4},                                   # TD-MPC-Opt
+    "best": {"distill_coef": 0.4, "distill_policy_coef": 1.0, "distill_q_coef": 0.1},
+    "reward+policy": {"distill_coef": 0.4, "distill_policy_coef": 1.0},
+    "reward+q": {"distill_coef": 0.4, "distill_q_coef": 0.1},
+    "reward+kl": {"distill_coef": 0.4, "distill_reward_kl_coef": 0.4},
+    "all": {"distill_coef": 0.4, "distill_policy_coef": 1.0, "distill_q_coef": 0.1, "distill_reward_kl_coef": 0.4},
+}
+MAIN_ARMS = ("scratch", "reward", "best")
+ABLATION_ARMS = ("reward", "reward+policy", "reward+q", "reward+kl", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    steps: int = 10_000
+    batch_size: int = 256
+    collect_episodes: int = 20   # per task, teacher's stochastic policy prior
+    pi_episodes: int = 10
+    mppi_episodes: int = 3
+    eval_mode: bool = False      # MPPI with exploration noise: the paper's protocol (28.45)
+    tasks: Tuple[str, ...] = ()  # () = every task of the teacher (MT30); a subset for smoke tests
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    size: str
+    arm: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.size}-{self.arm}-s{self.seed}"
+
+
+def stage_units(stage: int) -> List[Unit]:
+    """Stage 1: the main size, scratch vs reward vs best, 3 seeds (seed-major: a first answer early).
+    Stage 2: the other sizes (2 seeds), the 1.4M control and the ablation at the main size (3 seeds)."""
+    if stage == 1:
+        return [Unit(MAIN_SIZE, a, s) for s in (1, 2, 3) for a in MAIN_ARMS]
+    if stage == 2:
+        units = [Unit(z, a, s) for s in (1, 2) for z in SIZES if z != MAIN_SIZE for a in MAIN_ARMS]
+        units += [Unit(MAIN_SIZE, a, s) for s in (1, 2, 3) for a in ABLATION_ARMS if a not in MAIN_ARMS]
+        return units
+    raise ValueError(f"stage must be 1 or 2, got {stage}")
+
+
+def git_commit(repo: str) -> str:
+    try:
+        return subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _done(path) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def ensure_data(out: str, teacher, scfg: StudyConfig, seed: int = 1):
+    """The teacher's dataset: collect_episodes per MT30 task, stochastic policy prior (done marker)."""
+    from tdmpc_jax.data import Dataset
+    from tdmpc_jax.data.collect import collect
+    from tdmpc_jax.planner import PlannerConfig
+    path = os.path.join(out, "data")
+    if _done(os.path.join(path, "DONE")) is None:
+        t0 = time.perf_counter()
+        ds = collect(teacher, study_tasks(teacher, scfg), scfg.collect_episodes, path, PlannerConfig(mpc=False),
+                     seed, eval_mode=False, progress=True, overwrite=True)
+        atomic.write_file(os.path.join(path, "DONE"), json.dumps(
+            {"episodes_per_task": scfg.collect_episodes, "acting": "teacher policy prior, sampled (eval_mode=False)",
+             "returns": ds.meta_returns, "wall_s": time.perf_counter() - t0}, indent=1))
+    return Dataset(path)
+
+
+def study_tasks(teacher, scfg: StudyConfig) -> List[str]:
+    return list(scfg.tasks or teacher.config.tasks)
+
+
+def _evaluate_into(directory, agent, tasks, episodes, pcfg, eval_mode, seed=1):
+    from tdmpc_jax.evaluation import evaluate
+    from tdmpc_jax.results_io import read_results, write_results
+    if os.path.exists(os.path.join(directory, "results.json")):
+        return read_results(directory)
+    os.makedirs(directory, exist_ok=True)
+    res = evaluate(agent, tasks, episodes, seed, pcfg, eval_mode=eval_mode, progress=True)
+    write_results(directory, res)
+    return res
+
+
+def run_unit(out: str, unit: Unit, teacher, dataset, scfg: StudyConfig, repo: str, log=print) -> dict:
+    """Train and evaluate one unit, skipping what is already there; -> its DONE record."""
+    from tdmpc_jax.config import TrainConfig, student_config
+    from tdmpc_jax.offline import RunConfig, train_offline
+    from tdmpc_jax.planner import PlannerConfig
+    import tdmpc_jax
+    d = os.path.join(out, "runs", unit.name)
+    done = _done(os.path.join(d, "DONE"))
+    if done is not None:
+        return done
+    os.makedirs(d, exist_ok=True)
+    cfg = student_config(SIZES[unit.size], teacher.config)
+    coefs = ARMS[unit.arm]
+    tcfg = TrainConfig(batch_size=scfg.batch_size, **coefs)
+    info = {"unit": dataclasses.asdict(unit), "dims": SIZES[unit.size], "coefficients": coefs,
+            "steps": scfg.steps, "batch_size": scfg.batch_size, "git_commit": git_commit(repo),
+            "study": dataclasses.asdict(scfg)}
+    if not os.path.exists(os.path.join(d, "unit.json")):
+        atomic.write_file(os.path.join(d, "unit.json"), json.dumps(info, indent=1))
+    agent_dir = os.path.join(d, "train", "agent")
+    t0 = time.perf_counter()
+    if not os.path.exists(os.path.join(agent_dir, "DONE")):
+        log(f"[{unit.name}] training {scfg.steps} updates ...")
+        run = RunConfig(steps=scfg.steps, seed=unit.seed, log_every=max(1, scfg.steps // 100),
+                        checkpoint_every=max(1, scfg.steps // 10))
+        train_offline(cfg, tcfg, dataset, os.path.join(d, "train"), run, teacher if tcfg.uses_teacher else None)
+        atomic.write_file(os.path.join(agent_dir, "DONE"), "")
+    agent = tdmpc_jax.load_checkpoint(agent_dir)
+    log(f"[{unit.name}] policy prior, {scfg.pi_episodes} episodes per task ...")
+    tasks = study_tasks(teacher, scfg)
+    pi = _evaluate_into(os.path.join(d, "eval_pi"), agent, tasks, scfg.pi_episodes, PlannerConfig(mpc=False), True)
+    log(f"[{unit.name}] MPPI (official settings), {scfg.mppi_episodes} episodes per task ...")
+    mppi = _evaluate_into(os.path.join(d, "eval_mppi"), agent, tasks, scfg.mppi_episodes, PlannerConfig(),
+                          scfg.eval_mode)
+    rows = _log_rows(os.path.join(d, "train", "metrics.jsonl"))
+    per_update = rows[-1]["elapsed_s"] / rows[-1]["step"] if rows and rows[-1].get("elapsed_s") else None
+    record = {**info, "learnable_params": agent.num_params()["learnable"],
+              "mppi_normalized_score": mppi["normalized_score"], "pi_normalized_score": pi["normalized_score"],
+              "train_s_per_update": per_update, "uses_teacher": tcfg.uses_teacher,
+              "wall_s_this_sitting": time.perf_counter() - t0}
+    atomic.write_file(os.path.join(d, "DONE"), json.dumps(record, indent=1))
+    return _done(os.path.join(d, "DONE"))
+
+
+def _log_rows(path):
+    from tdmpc_jax.offline import read_log
+    return [r for r in read_log(path) if "total_loss" in r]
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+def finished_units(out: str) -> List[Tuple[Unit, dict, dict, dict]]:
+    """(unit, DONE record, MPPI results, policy-prior results) of every finished unit."""
+    from tdmpc_jax.results_io import read_results
+    found = []
+    runs = os.path.join(out, "runs")
+    for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+        rec = _done(os.path.join(runs, name, "DONE"))
+        if rec is None:
+            continue
+        u = Unit(**rec["unit"])
+        found.append((u, rec, read_results(os.path.join(runs, name, "eval_mppi")),
+                      read_results(os.path.join(runs, name, "eval_pi"))))
+    return found
+
+
+def score_matrix(results: Sequence[dict], tasks: Sequence[str]) -> np.ndarray:
+    """(runs, tasks) normalized scores (return / 10) for rliable."""
+    return np.asarray([[r["tasks"][t]["mean"] / 10.0 for t in tasks] for r in results], np.float64)
+
+
+def aggregate(scores: Dict[str, np.ndarray], reps: int = 2000, seed: int = 0) -> Dict[str, dict]:
+    """rliable: mean and IQM with stratified-bootstrap 95% CIs over runs x tasks."""
+    from rliable import library as rly
+    from rliable import metrics
+    np.random.seed(seed)  # rliable draws from numpy's global generator
+    fn = lambda x: np.array([metrics.aggregate_mean(x), metrics.aggregate_iqm(x)])
+    point, ci = rly.get_interval_estimates(scores, fn, reps=reps)
+    return {k: {"mean": float(point[k][0]), "mean_ci95": [float(ci[k][0, 0]), float(ci[k][1, 0])],
+                "iqm": float(point[k][1]), "iqm_ci95": [float(ci[k][0, 1]), float(ci[k][1, 1])],
+                "runs": int(scores[k].shape[0])} for k in scores}
+
+
+def probability_of_improvement(x: np.ndarray, y: np.ndarray, reps: int = 2000, seed: int = 0) -> dict:
+    """P(X > Y) over tasks (rliable), with a stratified-bootstrap 95% CI."""
+    from rliable import library as rly
+    from rliable import metrics
+    np.random.seed(seed)
+    point, ci = rly.get_interval_estimates({"p": (x, y)}, metrics.probability_of_improvement, reps=reps)
+    lo, hi = np.ravel(ci["p"])
+    return {"p": float(np.ravel(point["p"])[0]), "ci95": [float(lo), float(hi)]}
+
+
+def report(out: str, dest: str, teacher_mppi: dict, teacher_pi: Optional[dict], teacher_params: int) -> dict:
+    """Rebuild summary.json, summary.md, per-run JSON and the figures in `dest` from finished units."""
+    from tdmpc_jax import plots
+    units = finished_units(out)
+    if not units:
+        raise ValueError(f"{out}: no finished study unit yet")
+    tasks = [t for t in teacher_mppi["tasks"] if all(t in u[2]["tasks"] for u in units)]
+    os.makedirs(os.path.join(dest, "runs"), exist_ok=True)
+    groups: Dict[Tuple[str, str], list] = {}
+    for u, rec, mppi, pi in units:
+        groups.setdefault((u.size, u.arm), []).append((u, rec, mppi, pi))
+        atomic.write_file(os.path.join(dest, "runs", u.name + ".json"), json.dumps(
+            {**rec, "mppi_tasks": {t: mppi["tasks"][t]["mean"] for t in tasks},
+             "pi_tasks": {t: pi["tasks"][t]["mean"] for t in tasks}}, indent=1))
+    mppi_scores = {f"{z}/{a}": score_matrix([g[2] for g in v], tasks) for (z, a), v in groups.items()}
+    pi_scores = {f"{z}/{a}": score_matrix([g[3] for g in v], tasks) for (z, a), v in groups.items()}
+    agg_mppi, agg_pi = aggregate(mppi_scores), aggregate(pi_scores)
+    summary = {"teacher": {"learnable_params": teacher_params, "mppi_normalized_score": teacher_mppi["normalized_score"],
+                           "mppi_ci95": teacher_mppi.get("normalized_score_ci95"),
+                           "pi_normalized_score": teacher_pi["normalized_score"] if teacher_pi else None},
+               "groups": {}, "improvement": {}}
+    for (z, a), v in sorted(groups.items(), key=lambda kv: (SIZES_ORDER(kv[0][0]), kv[0][1])):
+        k = f"{z}/{a}"
+        recs = [g[1] for g in v]
+        summary["groups"][k] = {"size": z, "arm": a, "dims": SIZES[z], "learnable_params": recs[0]["learnable_params"],
+                                "seeds": sorted(g[0].seed for g in v), "mppi": agg_mppi[k], "pi": agg_pi[k],
+                                "train_s_per_update": float(np.mean([r["train_s_per_update"] or np.nan for r in recs])),
+                                "uses_teacher": recs[0]["uses_teacher"]}
+    for z in {z for z, _ in groups}:
+        base = f"{z}/scratch"
+        for a in {a for zz, a in groups if zz == z and a != "scratch"}:
+            if base in mppi_scores:
+                summary["improvement"][f"{z}/{a} > scratch"] = {
+                    "mppi": probability_of_improvement(mppi_scores[f"{z}/{a}"], mppi_scores[base]),
+                    "pi": probability_of_improvement(pi_scores[f"{z}/{a}"], pi_scores[base])}
+    atomic.write_file(os.path.join(dest, "summary.json"), json.dumps(summary, indent=1))
+    atomic.write_file(os.path.join(dest, "summary.md"), _markdown(summary))
+    plots.study_scaling(summary, os.path.join(dest, "score_vs_params.png"))
+    main = {a: mppi_scores[f"{MAIN_SIZE}/{a}"] for a in ARMS if f"{MAIN_SIZE}/{a}" in mppi_scores}
+    if main:
+        plots.study_per_task(main, tasks, {t: teacher_mppi["tasks"][t]["mean"] / 10 for t in tasks},
+                             os.path.join(dest, f"per_task_{MAIN_SIZE}.png"), f"MT30 per task, {MAIN_SIZE} students (MPPI)")
+    return summary
+
+
+def SIZES_ORDER(size: str) -> int:
+    return list(SIZES).index(size)
+
+
+def _markdown(s: dict) -> str:
+    t = s["teacher"]
+    lines = [f"Teacher (released TD-MPC-Opt 1M, {t['learnable_params']:,} learnable): MPPI {t['mppi_normalized_score']:.1f}"
+             + (f", policy prior {t['pi_normalized_score']:.1f}" if t["pi_normalized_score"] is not None else ""), "",
+             "| size | dims | learnable | arm | seeds | MPPI mean [95% CI] | MPPI IQM [95% CI] | % of teacher | "
+             "policy prior mean [95% CI] | s/update |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for k, g in s["groups"].items():
+        m, p = g["mppi"], g["pi"]
+        lines.append(f"| {g['size']} | {g['dims']} | {g['learnable_params']:,} | {g['arm']} | {len(g['seeds'])} | "
+                     f"{m['mean']:.1f} [{m['mean_ci95'][0]:.1f}, {m['mean_ci95'][1]:.1f}] | "
+                     f"{m['iqm']:.1f} [{m['iqm_ci95'][0]:.1f}, {m['iqm_ci95'][1]:.1f}] | "
+                     f"{100 * m['mean'] / t['mppi_normalized_score']:.0f}% | "
+                     f"{p['mean']:.1f} [{p['mean_ci95'][0]:.1f}, {p['mean_ci95'][1]:.1f}] | "
+                     f"{g['train_s_per_update']:.3f} |")
+    if s["improvement"]:
+        lines += ["", "| comparison | P(improvement), MPPI [95% CI] | policy prior [95% CI] |", "|---|---|---|"]
+        for k, v in sorted(s["improvement"].items()):
+            lines.append(f"| {k} | {v['mppi']['p']:.2f} [{v['mppi']['ci95'][0]:.2f}, {v['mppi']['ci95'][1]:.2f}] | "
+                         f"{v['pi']['p']:.2f} [{v['pi']['ci95'][0]:.2f}, {v['pi']['ci95'][1]:.2f}] |")
+    return "\n".join(lines) + "\n"

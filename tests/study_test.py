@@ -1,0 +1,91 @@
+"""The distillation study's units: resumable, skip finished parts, and a report rebuilt from them."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tdmpc_jax import study
+
+from conftest import REPO
+
+TASKS = ("cartpole-balance", "pendulum-spin")
+SCFG = study.StudyConfig(steps=12, batch_size=16, collect_episodes=1, pi_episodes=2, mppi_episodes=1, tasks=TASKS)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    import tdmpc_jax
+    return tdmpc_jax.load_checkpoint(os.path.join(REPO, "checkpoints", "teacher-mt4"))  # small: fast compiles
+
+
+@pytest.fixture()
+def tiny(monkeypatch):
+    monkeypatch.setitem(study.SIZES, "tiny", "16,32,16")
+    monkeypatch.setattr(study, "MAIN_SIZE", "tiny")
+
+
+def test_units_resume_and_report(tiny, teacher, tmp_path):
+    out, dest = str(tmp_path / "study"), str(tmp_path / "results")
+    ds = study.ensure_data(out, teacher, SCFG)
+    assert ds.num_episodes == len(TASKS) and os.path.exists(os.path.join(out, "data", "DONE"))
+    recs = {}
+    for arm in ("scratch", "reward"):
+        recs[arm] = study.run_unit(out, study.Unit("tiny", arm, 1), teacher, ds, SCFG, REPO, log=lambda m: None)
+    d = os.path.join(out, "runs", "tiny-reward-s1")
+    for f in ("unit.json", "DONE", "train/agent/DONE", "eval_pi/results.json", "eval_mppi/results.json"):
+        assert os.path.exists(os.path.join(d, f)), f
+    assert recs["reward"]["uses_teacher"] and not recs["scratch"]["uses_teacher"]
+    assert recs["reward"]["coefficients"] == {"distill_coef": 0.4}
+    assert recs["reward"]["learnable_params"] == recs["scratch"]["learnable_params"]
+    mppi = json.load(open(os.path.join(d, "eval_mppi", "results.json")))
+    assert mppi["planner"]["iterations"] == 6 and mppi["planner"]["num_samples"] == 512  # official settings
+    assert mppi["eval_mode"] is False and sorted(mppi["tasks"]) == sorted(TASKS)
+
+    # a finished unit is never redone; a unit killed after training redoes only what is missing
+    metrics = os.path.join(d, "train", "metrics.jsonl")
+    before = os.path.getmtime(metrics)
+    assert study.run_unit(out, study.Unit("tiny", "reward", 1), teacher, ds, SCFG, REPO) == recs["reward"]
+    os.remove(os.path.join(d, "DONE"))
+    os.remove(os.path.join(d, "eval_mppi", "results.json"))
+    again = study.run_unit(out, study.Unit("tiny", "reward", 1), teacher, ds, SCFG, REPO, log=lambda m: None)
+    assert os.path.getmtime(metrics) == before
+    assert again["mppi_normalized_score"] == pytest.approx(recs["reward"]["mppi_normalized_score"])
+
+    teacher_mppi = json.load(open(os.path.join(REPO, "tests", "data", "reference", "released_1M_mppi_mt30_10ep.json")))
+    s = study.report(out, dest, teacher_mppi, None, teacher.num_params()["learnable"])
+    assert set(s["groups"]) == {"tiny/scratch", "tiny/reward"}
+    g = s["groups"]["tiny/reward"]
+    lo, hi = g["mppi"]["mean_ci95"]
+    assert lo <= g["mppi"]["mean"] <= hi and g["mppi"]["runs"] == 1
+    p = s["improvement"]["tiny/reward > scratch"]["mppi"]["p"]
+    assert 0.0 <= p <= 1.0
+    for f in ("summary.json", "summary.md", "score_vs_params.png", "per_task_tiny.png", "runs/tiny-reward-s1.json"):
+        assert os.path.getsize(os.path.join(dest, f)) > 0, f
+
+
+def test_aggregates_follow_rliable_definitions():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 100, (3, 30))
+    agg = study.aggregate({"a": x}, reps=200)["a"]
+    assert agg["mean"] == pytest.approx(x.mean())
+    flat = np.sort(x.reshape(-1))
+    assert agg["iqm"] == pytest.approx(flat[len(flat) // 4: len(flat) - len(flat) // 4].mean())
+    better = study.probability_of_improvement(x + 50, x, reps=200)
+    assert better["p"] > 0.8 and better["ci95"][0] <= better["p"] <= better["ci95"][1]
+
+
+def test_stages_and_bad_flags():
+    s1 = study.stage_units(1)
+    assert len(s1) == 9 and {u.size for u in s1} == {study.MAIN_SIZE}
+    assert [u.seed for u in s1[:3]] == [1, 1, 1]  # seed-major: every arm once before the next seed
+    s2 = study.stage_units(2)
+    assert {u.size for u in s2} >= {"0.1M", "0.35M", "0.67M", "1.4M"}
+    assert {u.arm for u in s2 if u.size == study.MAIN_SIZE} == {"reward+policy", "reward+q", "reward+kl", "all"}
+    r = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "study.py"), "--only=bogus-unit"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert lines[-1].startswith("error:") and "bogus-unit" in lines[-1]
