@@ -15,7 +15,7 @@ DISTILL_FLAGS = $(if $(TEACHER),--teacher=$(TEACHER)) $(if $(DATA),--data=$(DATA
 	$(if $(SIZE),--student_size=$(SIZE)) $(if $(STEPS),--steps=$(STEPS)) \
 	$(if $(EPISODES),--episodes=$(EPISODES)) $(if $(OUT),--output=$(OUT))
 
-.PHONY: install test distill bench clean
+.PHONY: install test distill study study-report bench clean
 
 install: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
@@ -30,10 +30,22 @@ test:
 distill:
 	$(BIN)/python experiments/pipeline.py $(DISTILL_FLAGS)
 
+# the MT30 distillation study (resumable: rerun to continue; STAGE=2 for sizes/control/ablation)
+STAGE ?= 1
+study:
+	$(BIN)/python experiments/study.py --stage=$(STAGE)
+	$(BIN)/python experiments/study.py --report
+
+study-report:
+	$(BIN)/python experiments/study.py --report
+
+# train_step.py prints the update's ms, XLA FLOPs, the same-run matmul peak and both roofline multiples
+# (one core; a GPU line, `GPU: pending` without one) with the plain update as same-run baseline.
 bench:
 	$(BIN)/python benchmarks/plan_latency.py --cores=1
 	$(BIN)/python benchmarks/train_step.py --cores=1
 	$(BIN)/python benchmarks/env_steps.py
+	$(BIN)/python benchmarks/runtime_latency.py --cores=1
 
 clean:
 	rm -rf $(VENV) build *.egg-info

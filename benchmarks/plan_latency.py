@@ -17,26 +17,13 @@ flags.DEFINE_integer("repeats", 10, "timed repeats")
 FLAGS = flags.FLAGS
 
 
-def plain_plan_flops(cfg, pcfg) -> float:
-    """FLOPs of one official MPPI action: every iteration values all samples, task emb concatenated."""
-    L, T, A, M = cfg.latent_dim, cfg.task_dim, cfg.action_dim, cfg.mlp_dim
-    lin = lambda i, o: 2 * i * o
-    head = lambda i, out: lin(i, M) + lin(M, M) + lin(M, out)
-    reward, nxt, pi = head(L + T + A, cfg.num_bins), head(L + T + A, L), head(L + T, 2 * A)
-    q2 = 2 * head(L + T + A, cfg.num_bins)
-    per_sample = pcfg.horizon * (reward + nxt) + pi + q2
-    enc = sum(lin(i, o) for i, o in zip((cfg.obs_dim + T,) + cfg.enc_hidden, cfg.enc_hidden + (L,)))
-    pi_rollout = pcfg.num_pi_trajs * (pcfg.horizon * pi + (pcfg.horizon - 1) * nxt)
-    return enc + pi_rollout + pcfg.iterations * pcfg.num_samples * per_sample
-
-
 def main(_):
     from benchmarks.common import pin_cores
     pin_cores(FLAGS.cores)
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.common import matmul_peak_gflops, time_call
+    from benchmarks.common import matmul_peak_gflops, plain_plan_flops, time_call
     from tdmpc_jax import networks, planner
     from tdmpc_jax.config import make_model_config
 

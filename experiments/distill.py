@@ -17,12 +17,6 @@ flags.DEFINE_string("student_size", "1", "official size (1/5/19/48/317) or enc,m
 flags.DEFINE_string("task_set", None, "student task set (default: the teacher's, else the dataset's)")
 flags.DEFINE_integer("steps", 10000, "gradient updates")
 flags.DEFINE_integer("batch_size", 256, "global batch size (paper: 256 better than 1024)")
-flags.DEFINE_float("coef", 0.4, "reward-distillation coefficient (paper 0.4; released model 0.45)")
-flags.DEFINE_float("kl_coef", 0.0, "extra: KL between two-hot reward distributions")
-flags.DEFINE_float("q_coef", 0.0, "extra: Q-value distillation")
-flags.DEFINE_float("policy_coef", 0.0, "extra: policy-prior distillation")
-flags.DEFINE_float("value_coef", 0.0, "extra: the teacher's value Q_t(z, pi_t(z)) distilled into the student's Q")
-flags.DEFINE_float("action_coef", 0.0, "extra: the student's policy imitates the dataset's (teacher-collected) actions")
 flags.DEFINE_enum("policy_loss", "new", ["new", "old"], "policy loss of tdmpc2 HEAD or of the 2023 code / fork")
 flags.DEFINE_bool("policy_emb_leak", False, "reproduce the official policy-loss leak into the task embedding "
                   "(README: 'Policy-loss leak')")
@@ -35,7 +29,7 @@ flags.DEFINE_integer("eval_episodes", 2, "episodes per task for periodic evaluat
 flags.DEFINE_string("coordinator", None, "multi-host: coordinator address host:port")
 flags.DEFINE_integer("num_processes", 1, "multi-host: number of processes")
 flags.DEFINE_integer("process_id", 0, "multi-host: this process's id")
-DISTILL_COEFS = ("coef", "kl_coef", "q_coef", "policy_coef", "value_coef", "action_coef")  # each needs --teacher
+DISTILL_COEFS = cli.distill_flags(coef=0.4)  # each needs --teacher
 cli.existing_path("teacher")
 cli.dataset_dir("data")
 cli.output("output", "distill-run")
@@ -43,7 +37,6 @@ cli.size_spec("student_size")
 cli.task_set_name("task_set")
 cli.positive_int("steps", "batch_size", "checkpoint_every", "log_every", "eval_episodes", "num_processes")
 cli.non_negative_int("eval_every", "process_id")
-cli.finite_float(*DISTILL_COEFS, lo=0)
 cli.seed("seed")
 cli.task_list("eval_tasks", sets=False)
 
@@ -86,14 +79,8 @@ def main(argv):
     from tdmpc_jax.offline import RunConfig, check_teacher, train_offline
     from tdmpc_jax.results_io import claim_output
     teacher_given = FLAGS.teacher is not None
-    coef = FLAGS.coef if teacher_given else 0.0
-    tcfg = TrainConfig(batch_size=FLAGS.batch_size, distill_coef=coef,
-                       distill_reward_kl_coef=FLAGS.kl_coef if teacher_given else 0.0,
-                       distill_q_coef=FLAGS.q_coef if teacher_given else 0.0,
-                       distill_policy_coef=FLAGS.policy_coef if teacher_given else 0.0,
-                       distill_value_coef=FLAGS.value_coef if teacher_given else 0.0,
-                       distill_action_coef=FLAGS.action_coef if teacher_given else 0.0,
-                       policy_loss=FLAGS.policy_loss, policy_emb_leak=FLAGS.policy_emb_leak)
+    tcfg = TrainConfig(batch_size=FLAGS.batch_size, policy_loss=FLAGS.policy_loss,
+                       policy_emb_leak=FLAGS.policy_emb_leak, **cli.distill_coefficients(teacher_given))
     if teacher_given and not tcfg.uses_teacher:
         raise ValueError(f"--teacher={FLAGS.teacher}: every distillation coefficient is 0, so the teacher would be "
                          "ignored; drop --teacher to train from scratch")

@@ -3,6 +3,9 @@
   python experiments/evaluate.py --checkpoint=PATH --tasks=mt30 --episodes=10 --seed=1 \
       --mpc=true --eval_mode=true --output=DIR
   python experiments/evaluate.py --compare=DIR1,DIR2 --output=DIR
+  python experiments/evaluate.py --runtime=onnx --onnx_dir=EXPORT --precision=int8 --mpc=false --output=DIR
+(--runtime=onnx scores an experiments/export.py directory with onnxruntime, no JAX in the acting path;
+its planner settings are the export's.)
 Writes DIR/results.json, DIR/results.csv (and DIR/compare.png with --compare).
 """
 import json
@@ -26,8 +29,12 @@ flags.DEFINE_integer("num_pi_trajs", 24, "policy trajectories among the samples"
 flags.DEFINE_integer("horizon", 3, "planning horizon")
 flags.DEFINE_integer("workers", 0, "environment worker processes (0: step in this process)")
 flags.DEFINE_list("compare", None, "result directories to plot side by side instead of evaluating")
+flags.DEFINE_enum("runtime", "jax", ["jax", "onnx"], "act with the JAX planner or an exported ONNX agent")
+flags.DEFINE_string("onnx_dir", None, "with --runtime=onnx: a directory written by experiments/export.py")
+flags.DEFINE_enum("precision", "fp32", ["fp32", "fp16", "int8"], "with --runtime=onnx: which exported variant")
 flags.DEFINE_string("output", None, "output directory", required=True)
 cli.existing_path("checkpoint")
+cli.existing_path("onnx_dir", kind="dir")
 cli.task_list("tasks")
 cli.positive_int("episodes", "iterations", "num_samples", "num_elites", "horizon")
 cli.non_negative_int("num_pi_trajs", "workers")
@@ -46,8 +53,20 @@ def _check_compare(v):
 
 
 def _check_request(v):
-    if v["compare"] and v["checkpoint"]:
+    if v["compare"] and (v["checkpoint"] or v["onnx_dir"]):
         raise ValueError("--compare: give either --checkpoint (evaluate) or --compare (plot earlier results)")
+    if v["runtime"] == "onnx" and not v["compare"]:
+        if v["checkpoint"]:
+            raise ValueError(f"--checkpoint={v['checkpoint']}: --runtime=onnx evaluates --onnx_dir instead")
+        if not v["onnx_dir"]:
+            raise ValueError("--onnx_dir: is required with --runtime=onnx")
+        if not os.path.isfile(os.path.join(v["onnx_dir"], "manifest.json")):
+            raise ValueError(f"--onnx_dir={v['onnx_dir']}: not an ONNX export (no manifest.json)")
+        if not v["eval_mode"]:
+            raise ValueError("--eval_mode=false: exported agents act in eval mode only")
+        return
+    if v["onnx_dir"]:
+        raise ValueError(f"--onnx_dir={v['onnx_dir']}: needs --runtime=onnx")
     if not v["compare"] and not v["checkpoint"]:
         raise ValueError("--checkpoint: is required (or use --compare)")
     if v["num_elites"] > v["num_samples"]:
@@ -57,7 +76,8 @@ def _check_request(v):
 
 
 cli.rule("compare", _check_compare)
-cli.check(("compare", "checkpoint", "num_elites", "num_samples", "num_pi_trajs"), _check_request)
+cli.check(("compare", "checkpoint", "num_elites", "num_samples", "num_pi_trajs", "runtime", "onnx_dir", "eval_mode"),
+          _check_request)
 
 
 def main(argv):
@@ -73,18 +93,49 @@ def main(argv):
     import tdmpc_jax
     from tdmpc_jax.evaluation import check_dims, evaluate, resolve_tasks
     from tdmpc_jax.planner import PlannerConfig
-    agent = tdmpc_jax.load_checkpoint(FLAGS.checkpoint)
-    pcfg = PlannerConfig(horizon=FLAGS.horizon, iterations=FLAGS.iterations, num_samples=FLAGS.num_samples,
-                         num_elites=FLAGS.num_elites, num_pi_trajs=FLAGS.num_pi_trajs, mpc=FLAGS.mpc)
+    actor = None
+    if FLAGS.runtime == "onnx":
+        agent, pcfg, actor = _onnx_actor()
+    else:
+        agent = tdmpc_jax.load_checkpoint(FLAGS.checkpoint)
+        pcfg = PlannerConfig(horizon=FLAGS.horizon, iterations=FLAGS.iterations, num_samples=FLAGS.num_samples,
+                             num_elites=FLAGS.num_elites, num_pi_trajs=FLAGS.num_pi_trajs, mpc=FLAGS.mpc)
     check_dims(agent, resolve_tasks(agent, FLAGS.tasks))  # the tasks fit the checkpoint, before any episode
     claim_output(FLAGS.output, "eval", FLAGS.overwrite)
-    res = evaluate(agent, FLAGS.tasks, FLAGS.episodes, FLAGS.seed, pcfg, FLAGS.eval_mode, FLAGS.workers)
+    res = evaluate(agent, FLAGS.tasks, FLAGS.episodes, FLAGS.seed, pcfg, FLAGS.eval_mode, FLAGS.workers, actor=actor)
+    if actor is not None:
+        res.update(runtime=f"onnx-{FLAGS.precision}", onnx_dir=FLAGS.onnx_dir)
     write_results(FLAGS.output, res)
     for t, v in res["tasks"].items():
         print(f"  {t:28s} return {v['mean']:8.1f} +- {v['std']:6.1f}   score {v['score']:6.2f}")
     lo, hi = res["normalized_score_ci95"]
     print(f"normalized score {res['normalized_score']:.2f} (95% CI {lo:.2f}-{hi:.2f}); "
           f"{res['wall_time_s']:.0f}s; results in {FLAGS.output}")
+
+
+def _onnx_actor():
+    """An exported agent as the evaluator's actor: (an Agent holding only its config, planner settings, actor)."""
+    try:
+        from tdmpc_jax_runtime import OnnxAgent
+    except ImportError as e:
+        raise RuntimeError(f"--runtime=onnx needs the export extra ({e.name} is missing): "
+                           "pip install -e '.[export]'") from None
+    from tdmpc_jax.agent import Agent
+    from tdmpc_jax.config import ModelConfig
+    from tdmpc_jax.evaluation import resolve_tasks
+    from tdmpc_jax.planner import PlannerConfig
+    runtime = OnnxAgent(FLAGS.onnx_dir, FLAGS.precision, mpc=FLAGS.mpc, seed=FLAGS.seed)
+    m = runtime.manifest
+    agent = Agent(ModelConfig.from_dict(m["config"]), {}, {}, {"source": FLAGS.onnx_dir})
+    if m.get("task"):
+        other = [t for t in resolve_tasks(agent, FLAGS.tasks) if t != m["task"]]
+        if other:
+            raise ValueError(f"--tasks={FLAGS.tasks}: {FLAGS.onnx_dir} is a single-task export of {m['task']!r}")
+    if FLAGS.mpc and "mppi" not in m["graphs"]:
+        raise ValueError(f"--onnx_dir={FLAGS.onnx_dir}: exported without the planner; use --mpc=false")
+    kw = {k: v for k, v in m["planner"].items() if k in PlannerConfig.__dataclass_fields__}
+    pcfg = PlannerConfig(**dict(kw, mpc=FLAGS.mpc))
+    return agent, pcfg, lambda obs, task, t0: runtime.act_batch(obs, task, t0, FLAGS.mpc)
 
 
 if __name__ == "__main__":

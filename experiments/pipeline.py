@@ -19,12 +19,12 @@ flags.DEFINE_string("teacher", os.path.join(REPO, "checkpoints", "teacher-mt4"),
 flags.DEFINE_string("data", None, "existing dataset dir (default: collect one with the teacher)")
 flags.DEFINE_string("output", os.path.join(REPO, "runs", "distill"), "output directory")
 flags.DEFINE_integer("collect_episodes", 8, "episodes per task collected with the teacher")
+flags.DEFINE_bool("collect_mpc", True, "collect with the teacher's MPPI (false: its policy prior, much cheaper)")
 flags.DEFINE_string("student_size", "32,48,16", "student: official size or enc,mlp,latent dims")
 flags.DEFINE_integer("steps", 3000, "updates for each student")
 flags.DEFINE_integer("batch_size", 256, "batch size")
-flags.DEFINE_float("coef", 0.4, "reward-distillation coefficient")
 flags.DEFINE_string("tasks", None, "evaluation tasks (default: the teacher's)")
-flags.DEFINE_integer("episodes", 5, "evaluation episodes per task")
+flags.DEFINE_integer("episodes", 10, "evaluation episodes per task (the same episodes for every agent)")
 flags.DEFINE_bool("mpc", True, "evaluate with MPPI (false: the policy prior, much cheaper)")
 flags.DEFINE_integer("iterations", 4, "MPPI iterations for the evaluation (official: 6)")
 flags.DEFINE_integer("num_samples", 256, "MPPI samples for the evaluation (official: 512)")
@@ -35,7 +35,15 @@ cli.output("output", "pipeline")
 cli.positive_int("collect_episodes", "steps", "batch_size", "episodes", "iterations")
 cli.int_range("num_samples", lo=8)  # the evaluation keeps num_samples // 8 elites
 cli.size_spec("student_size")
-cli.finite_float("coef", lo=0, lo_open=True)  # 0 would make the "distilled" student a second scratch one
+DISTILL_FLAGS = cli.distill_flags(coef=0.4, model_coef=1.0)
+
+
+def _check_distill(v):
+    if not any(v[n] > 0 for n in DISTILL_FLAGS):  # the "distilled" student would be a second scratch one
+        raise ValueError("every distillation coefficient is 0: the distilled student would equal the scratch one")
+
+
+cli.check(DISTILL_FLAGS, _check_distill)
 cli.task_list("tasks")
 cli.seed("seed")
 STUDENTS = ("distilled", "scratch")
@@ -85,17 +93,19 @@ def main(argv):
         if FLAGS.data:
             raise
         print(f"[2/5] collecting {FLAGS.collect_episodes} episodes per task with the teacher ...", flush=True)
-        ds = collect(teacher, tasks, FLAGS.collect_episodes, data_dir, PlannerConfig(mpc=False), FLAGS.seed,
-                     overwrite=FLAGS.overwrite)
+        ds = collect(teacher, tasks, FLAGS.collect_episodes, data_dir, PlannerConfig(mpc=FLAGS.collect_mpc),
+                     FLAGS.seed, progress=False, overwrite=FLAGS.overwrite)
+        print(f"      teacher returns while collecting: "
+              + ", ".join(f"{t} {r:.0f}" for t, r in ds.meta_returns.items()), flush=True)
     run = RunConfig(steps=FLAGS.steps, seed=FLAGS.seed, log_every=max(1, FLAGS.steps // 40),
                     checkpoint_every=max(1, FLAGS.steps // 5))
     students = {}
-    for name, coef in (("distilled", FLAGS.coef), ("scratch", 0.0)):
+    for name in STUDENTS:
         print(f"[3/5] training the {name} student ({FLAGS.steps} updates) ...", flush=True)
-        tcfg = TrainConfig(batch_size=FLAGS.batch_size, distill_coef=coef)
+        tcfg = TrainConfig(batch_size=FLAGS.batch_size, **cli.distill_coefficients(name == "distilled"))
         claim_output(os.path.join(out, name), "distill-run", FLAGS.overwrite)
         students[name], _ = train_offline(cfg, tcfg, ds, os.path.join(out, name), run,
-                                          teacher if coef > 0 else None)
+                                          teacher if tcfg.uses_teacher else None)
     print("[4/5] quantizing the distilled student to int8 ...", flush=True)
     qdir = students["distilled"].save(os.path.join(out, "distilled-int8"), fmt="int8")
     agents = {"teacher": teacher, "distilled": students["distilled"], "scratch": students["scratch"],
@@ -121,9 +131,9 @@ def main(argv):
                                  for t, r in v["tasks"].items()}} for k, v in results.items()}, f, indent=1)
     compare_runs(results, os.path.join(out, "compare.png"), "teacher vs students")
     with open(os.path.join(out, "settings.json"), "w") as f:
-        json.dump({k: getattr(FLAGS, k) for k in ("teacher", "data", "collect_episodes", "student_size", "steps",
-                                                  "batch_size", "coef", "episodes", "mpc", "iterations",
-                                                  "num_samples", "seed")}, f, indent=1)
+        json.dump({k: getattr(FLAGS, k) for k in ("teacher", "data", "collect_episodes", "collect_mpc", "student_size",
+                                                  "steps", "batch_size", "episodes", "mpc", "iterations",
+                                                  "num_samples", "seed") + DISTILL_FLAGS}, f, indent=1)
     print(table)
     print(f"\nwrote {out}/table.md, results.json, compare.png")
 

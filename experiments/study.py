@@ -48,6 +48,17 @@ def _check_only(v):
                          f"(e.g. {names[0] if names else '?'})")
 
 
+def _check_only_names(v):
+    from tdmpc_jax.study import ARMS, SIZES
+    for n in v or []:
+        size, _, rest = n.partition("-")
+        arm, _, seed = rest.rpartition("-s")
+        if size not in SIZES or arm not in ARMS or not seed.isdigit():
+            raise ValueError(f"{n!r} is not a unit name <size>-<arm>-s<seed> (sizes {', '.join(SIZES)}; "
+                             f"arms {', '.join(ARMS)})")
+
+
+cli.rule("only", _check_only_names)
 cli.check(("only", "stage"), _check_only)
 
 

@@ -22,6 +22,7 @@ import sys
 
 from absl import app, flags, logging
 
+from tdmpc_jax import compile_cache
 from tdmpc_jax.checkpoints.errors import CheckpointError
 
 FLAGS = flags.FLAGS
@@ -256,6 +257,28 @@ def output(name: str, kind, overwrite: str = "overwrite", extensions=None, depen
     rule((name, overwrite, *depends), check)
 
 
+def distill_flags(**defaults):
+    """Define one float flag per distillation term (config.DISTILL_TERMS; default 0 unless given in
+    `defaults` by flag name), each finite and >= 0. -> the flag names."""
+    from tdmpc_jax.config import DISTILL_TERMS
+    caller = sys._getframe(1).f_globals.get("__name__", "")
+    names = []
+    for field, (name, what) in DISTILL_TERMS.items():
+        flags.DEFINE_float(name, defaults.pop(name, 0.0), f"distillation: {what}",
+                           module_name=sys.argv[0] if caller == "__main__" else caller)
+        names.append(name)
+    if defaults:
+        raise ValueError(f"unknown distillation flags {sorted(defaults)}")
+    finite_float(*names, lo=0)
+    return tuple(names)
+
+
+def distill_coefficients(teacher_given: bool = True) -> dict:
+    """TrainConfig keyword arguments from the distillation flags (all 0 without a teacher)."""
+    from tdmpc_jax.config import DISTILL_TERMS
+    return {field: (FLAGS[name].value if teacher_given else 0.0) for field, (name, _) in DISTILL_TERMS.items()}
+
+
 def check(names, fn):
     """Cross-flag rule: fn(dict of values) raises ValueError('--flag=value: problem') (a full line)."""
     rule(tuple(names), fn)
@@ -316,6 +339,7 @@ def run(main):
     """absl `app.run(main)`, but bad flags and user errors print `error: <one line>` and exit with status 1."""
     def wrapped(argv):
         logging.set_verbosity(logging.WARNING)  # orbax/jax INFO chatter would bury the progress lines
+        compile_cache.enable()  # persistent XLA cache (~/.cache/tdmpc_jax/xla; TDMPC_JAX_NO_CACHE=1: off)
         try:
             return main(argv)
         except USER_ERRORS as e:

@@ -213,8 +213,19 @@ def make_model_config(size: int = 1, task_set: Optional[str] = "mt30", *,
     return ModelConfig(**kw)
 
 
-DISTILL_COEFS = ("distill_coef", "distill_reward_kl_coef", "distill_q_coef", "distill_policy_coef",
-                 "distill_value_coef", "distill_action_coef")
+# Every distillation term (the one list: TrainConfig fields, command-line flags, help), implemented in
+# losses.make_losses. TrainConfig field -> (flag of distill.py / pipeline.py, what it distils).
+DISTILL_TERMS = {
+    "distill_coef": ("coef", "reward MSE(student, teacher) at t=0 (TD-MPC-Opt; paper 0.4, released model 0.45)"),
+    "distill_reward_kl_coef": ("kl_coef", "KL between the two-hot reward distributions at t=0"),
+    "distill_q_coef": ("q_coef", "MSE of the mean Q at the dataset action, t=0"),
+    "distill_policy_coef": ("policy_coef", "policy mean vs the teacher policy's mean at t=0 (trains pi_head)"),
+    "distill_value_coef": ("value_coef", "MSE of Q at the teacher policy's action: the teacher's value"),
+    "distill_action_coef": ("action_coef", "policy mean vs the dataset's (teacher-collected) actions"),
+    "distill_model_coef": ("model_coef", "rewards, Q values and policy along the whole rollout at data, "
+                                         "teacher-policy and random actions (what MPPI reads)"),
+}
+DISTILL_COEFS = tuple(DISTILL_TERMS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +256,7 @@ class TrainConfig:
     distill_policy_coef: float = 0.0
     distill_value_coef: float = 0.0   # MSE(student Q, teacher Q) at the teacher's policy action
     distill_action_coef: float = 0.0  # MSE(student policy mean, dataset action): a teacher-collected dataset's
+    distill_model_coef: float = 0.0   # rewards, Q values and policy along the rollout (losses.model_distillation)
     distill_temperature: float = 1.0
 
     def __post_init__(self):

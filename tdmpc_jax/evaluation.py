@@ -55,10 +55,12 @@ def check_dims(agent: Agent, tasks: Sequence[str]):
 
 def run_episodes(agent: Agent, slots: Sequence[tuple], pcfg: PlannerConfig, seed: int = 1,
                  eval_mode: bool = True, num_workers: int = 0, progress: bool = True,
-                 record_actions: bool = False, on_step=None):
+                 record_actions: bool = False, on_step=None, actor=None):
     """Play every slot (task, env_seed, episode_index) to the end in lock-step. -> (returns, actions).
 
     on_step(t, obs, actions, rewards, next_obs, dones), if given, sees every lock-step transition.
+    actor(obs (n, O), task ids (n,), t0 (n,) bool) -> actions (n, A), if given, acts instead of the JAX
+    planner (e.g. an exported agent, `tdmpc_jax_runtime.OnnxAgent.act_batch`); it keeps its own state.
     """
     cfg = agent.config
     params = jax.tree_util.tree_map(jnp.asarray, agent.params)
@@ -75,8 +77,11 @@ def run_episodes(agent: Agent, slots: Sequence[tuple], pcfg: PlannerConfig, seed
         t_start = last_print = time.perf_counter()
         for t in range(length):
             t0 = jnp.full((n,), t == 0)
-            act, state = planner.act_batch(cfg, pcfg, params, jnp.asarray(obs), task_ids, state, t0,
-                                           jax.random.fold_in(key, t), eval_mode)
+            if actor is not None:
+                act = actor(np.asarray(obs, np.float32), np.asarray(task_ids), np.asarray(t0))
+            else:
+                act, state = planner.act_batch(cfg, pcfg, params, jnp.asarray(obs), task_ids, state, t0,
+                                               jax.random.fold_in(key, t), eval_mode)
             act = np.asarray(act)
             if not np.all(np.isfinite(act)):
                 raise FloatingPointError(f"planner produced non-finite actions at step {t}")
@@ -132,8 +137,9 @@ def summarize(per_task_returns: Dict[str, np.ndarray]) -> dict:
 
 
 def evaluate(agent: Agent, tasks, episodes: int = 10, seed: int = 1, pcfg: Optional[PlannerConfig] = None,
-             eval_mode: bool = True, num_workers: int = 0, progress: bool = True) -> dict:
-    """Evaluate `episodes` episodes of each task, all batched; returns the results dict."""
+             eval_mode: bool = True, num_workers: int = 0, progress: bool = True, actor=None) -> dict:
+    """Evaluate `episodes` episodes of each task, all batched; returns the results dict (`actor`: see
+    `run_episodes`)."""
     pcfg = pcfg or PlannerConfig()
     if episodes < 1:
         raise ValueError("episodes must be >= 1")
@@ -141,7 +147,7 @@ def evaluate(agent: Agent, tasks, episodes: int = 10, seed: int = 1, pcfg: Optio
     check_dims(agent, tasks)
     slots = [(t, seed, e) for t in tasks for e in range(episodes)]
     t0 = time.perf_counter()
-    returns, _ = run_episodes(agent, slots, pcfg, seed, eval_mode, num_workers, progress)
+    returns, _ = run_episodes(agent, slots, pcfg, seed, eval_mode, num_workers, progress, actor=actor)
     wall = time.perf_counter() - t0
     per_task = {t: returns[i * episodes:(i + 1) * episodes] for i, t in enumerate(tasks)}
     out = summarize(per_task)

@@ -31,8 +31,8 @@ class Batch(NamedTuple):
 
 
 class Losses(NamedTuple):
-    world_model: callable  # (params, target_qs, batch, key, teacher_params) -> (loss, (metrics, zs))
-    policy: callable       # (trainable, params, zs, task, scale, key) -> (loss, (metrics, new_scale))
+    world_model: callable  # (params, target_qs, batch, key, teacher_params) -> (loss, (metrics, zs, pi_targets))
+    policy: callable       # (trainable, params, zs, task, scale, key, pi_targets) -> (loss, (metrics, new_scale))
 
 
 def running_scale_update(value, x, tau: float = 0.01):
@@ -109,16 +109,22 @@ def make_losses(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[Model
         total = (tcfg.consistency_coef * consistency + tcfg.reward_coef * reward_loss
                  + tcfg.value_coef * value_loss)
         metrics = {"consistency_loss": consistency, "reward_loss": reward_loss, "value_loss": value_loss}
+        pi_targets = {}
         if tcfg.uses_teacher:
-            d_total, d_metrics = distillation(mcfg, mp, zs[0], emb, batch, mask, teacher_params)
+            d_total, d_metrics, pi_targets = distillation(mcfg, mp, zs, emb, batch, mask, teacher_params, key)
             total = total + d_total
             metrics.update(d_metrics)
         metrics["total_loss"] = total
-        return total, (metrics, jax.lax.stop_gradient(zs))
+        return total, (metrics, jax.lax.stop_gradient(zs), pi_targets)
 
-    def distillation(scfg, params, z0, emb, batch, mask, teacher_params):
-        """scfg/params/emb: the student as `conditioned` gives it."""
+    def distillation(scfg, params, zs, emb, batch, mask, teacher_params, key):
+        """scfg/params/emb: the student as `conditioned` gives it; zs: its latent rollout (H+1, B, L).
+
+        -> (loss, metrics, policy targets). The policy terms are not in this loss: the world-model
+        step does not update pi_head (a policy MSE here would only bend the encoder). Their targets,
+        (T, B, A) actions for the first T latents, go to `policy`, which adds coef x MSE."""
         tc = teacher_cfg
+        z0 = zs[0]
         t_emb = networks.embed(tc, teacher_params, batch.task)
         t_z = networks.encode(tc, teacher_params, batch.obs[0], t_emb)
         t_logits = networks.reward_logits(tc, teacher_params, t_z, batch.action[0], t_emb)
@@ -138,26 +144,58 @@ def make_losses(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[Model
             q_s = networks.q_values(scfg, params["qs"], z0, batch.action[0], emb).mean(0)
             out["distill_q_mse"] = jnp.mean((q_s - q_t) ** 2)
             total += tcfg.distill_q_coef * out["distill_q_mse"]
+        pi_targets = {}
         if tcfg.distill_policy_coef > 0 or tcfg.distill_value_coef > 0:
             m_t, _ = networks.pi_dist(tc, teacher_params, t_z, t_emb, mask)
             a_t = jax.lax.stop_gradient(jnp.tanh(m_t))
-        if tcfg.distill_policy_coef > 0:
-            m_s, _ = networks.pi_dist(scfg, params, z0, emb, mask)
-            out["distill_policy_mse"] = jnp.mean((jnp.tanh(m_s) - a_t) ** 2)
-            total += tcfg.distill_policy_coef * out["distill_policy_mse"]
+        if tcfg.distill_policy_coef > 0:  # the teacher policy's mean action, at t = 0
+            pi_targets["distill_policy"] = a_t[None]
         if tcfg.distill_value_coef > 0:  # the teacher's value of its own policy: Q_t(z, pi_t(z))
             v_t = networks.q_values(tc, teacher_params["qs"], t_z, a_t, t_emb).mean(0)
             v_s = networks.q_values(scfg, params["qs"], z0, a_t, emb).mean(0)
             out["distill_value_mse"] = jnp.mean((v_s - v_t) ** 2)
             total += tcfg.distill_value_coef * out["distill_value_mse"]
-        if tcfg.distill_action_coef > 0:  # the teacher's own (planner) actions stored in the dataset
-            m_s, _ = networks.pi_dist(scfg, params, z0, emb, mask)
-            out["distill_action_mse"] = jnp.mean((jnp.tanh(m_s) - batch.action[0]) ** 2)
-            total += tcfg.distill_action_coef * out["distill_action_mse"]
-        return total, out
+        if tcfg.distill_model_coef > 0:
+            d, o, pi_targets["distill_model"] = model_distillation(
+                scfg, params, zs[:-1], emb, batch, mask, teacher_params, jax.random.fold_in(key, 0x6D6F64))
+            out.update(o)
+            total += tcfg.distill_model_coef * d
+        if tcfg.distill_action_coef > 0:  # the teacher's own (planner) actions stored in the dataset, t < H
+            pi_targets["distill_action"] = batch.action
+        return total, out, pi_targets
 
-    def policy(trainable, params, zs, task, scale, key):
-        """trainable: {'pi_head'} (+ {'task_emb'} for the official leak); everything else is frozen."""
+    def model_distillation(scfg, params, zs, emb, batch, mask, teacher_params, key):
+        """What MPPI reads from the model, matched to the teacher along the student's own latent rollout
+        (t < H, rho^t weighted): rewards and Q values (soft cross-entropy to the teacher's decoded values,
+        the scale of the model's own losses) at three actions per state (the dataset's, the teacher
+        policy's mean, a uniform random one: the planner samples far from the data); the teacher
+        policy's mean actions are returned as the policy's targets."""
+        tc = teacher_cfg
+        t_emb = seq(networks.embed(tc, teacher_params, batch.task), H)
+        t_z = networks.encode(tc, teacher_params, batch.obs[:-1], t_emb)  # (H, B, Lt) from real observations
+        emb_h = seq(emb, H)
+        mask_h = jnp.broadcast_to(mask, (H,) + mask.shape)
+        m_t, _ = networks.pi_dist(tc, teacher_params, t_z, t_emb, mask_h)
+        a_pi = jax.lax.stop_gradient(jnp.tanh(m_t))
+        a_rand = jax.random.uniform(key, a_pi.shape, minval=-1.0, maxval=1.0) * mask_h
+        w = rho[:H] / jnp.sum(rho[:H])
+        r_ce = q_ce = 0.0
+        for a in (batch.action, a_pi, a_rand):
+            r_t = networks.reward(tc, teacher_params, t_z, a, t_emb)
+            q_t = networks.q_values(tc, teacher_params["qs"], t_z, a, t_emb).mean(0)
+            r_s = networks.reward_logits(scfg, params, zs, a, emb_h)
+            q_s = networks.q_logits(scfg, params["qs"], zs, a, emb_h)  # (num_q, H, B, nb)
+            r_ce += jnp.sum(w * tmath.soft_ce(r_s, jax.lax.stop_gradient(r_t), nb, lo, hi).mean(-1)) / 3
+            q_ce += jnp.sum(w * tmath.soft_ce(q_s, jax.lax.stop_gradient(q_t)[None], nb, lo, hi).mean((0, -1))) / 3
+        return r_ce + q_ce, {"distill_model_reward_ce": r_ce, "distill_model_q_ce": q_ce}, a_pi
+
+    pi_coefs = {"distill_policy": tcfg.distill_policy_coef, "distill_action": tcfg.distill_action_coef,
+                "distill_model": tcfg.distill_model_coef}
+
+    def policy(trainable, params, zs, task, scale, key, pi_targets=None):
+        """trainable: {'pi_head'} (+ {'task_emb'} for the official leak); everything else is frozen.
+        pi_targets: the world model's policy-distillation targets {term: (T, B, A)} (coef x MSE of
+        tanh(mean) over the first T latents, rho^t weighted)."""
         k_pi, k_qsel, k_drop = jax.random.split(key, 3)
         p = dict(jax.lax.stop_gradient(params), **trainable)
         T1 = zs.shape[0]
@@ -169,7 +207,8 @@ def make_losses(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[Model
         action = jnp.tanh(mean + eps * jnp.exp(log_std))
         logp = tmath.gaussian_logprob(eps, log_std)  # pre-squash, summed over all A dims
         qcfg, qs = networks.pick_two_qs(mcfg, p["qs"], k_qsel)
-        q = networks.q_values(qcfg, qs, zs, action, emb, dropout_key=k_drop).mean(0)  # (H+1, B)
+        q = networks.q_values(qcfg, qs, zs, action, emb, dropout_key=k_drop, action_grad_only=fused)
+        q = q.mean(0)  # (H+1, B)
         new_scale = running_scale_update(scale, jax.lax.stop_gradient(q[0]), tcfg.scale_tau)
         q = q / new_scale
         if tcfg.policy_loss == "new":
@@ -184,7 +223,13 @@ def make_losses(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[Model
             per_t = jnp.mean(tcfg.entropy_coef * old_logp - q, axis=-1)
             entropy = -jnp.mean(old_logp)
         loss = jnp.mean(rho[:T1] * per_t)
-        return loss, ({"pi_loss": loss, "pi_entropy": entropy, "pi_scale": new_scale,
-                       "pi_log_std": jnp.mean(log_std)}, new_scale)
+        metrics = {"pi_loss": loss, "pi_entropy": entropy, "pi_scale": new_scale, "pi_log_std": jnp.mean(log_std)}
+        for name, target in (pi_targets or {}).items():
+            T = target.shape[0]
+            w = rho[:T] / jnp.sum(rho[:T])
+            mse = jnp.sum(w * jnp.mean((jnp.tanh(mean[:T]) - target) ** 2, (-1, -2)))
+            metrics[f"{name}_mse"] = mse
+            loss = loss + pi_coefs[name] * mse
+        return loss, (metrics, new_scale)
 
     return Losses(world_model, policy)

@@ -62,71 +62,42 @@ def layer_norm(x, scale, bias, eps: float = 1e-5):
     return xc * jax.lax.rsqrt(var + eps) * scale + bias
 
 
-def _unbroadcast(g, shape):
-    """Sum a cotangent over the axes that broadcasting added or stretched to reach g.shape."""
-    g = g.sum(tuple(range(g.ndim - len(shape)))) if g.ndim > len(shape) else g
-    axes = tuple(i for i, (a, b) in enumerate(zip(g.shape, shape)) if a != b)
-    return g.sum(axes, keepdims=True) if axes else g
-
-
-@jax.custom_vjp
-def ln_mish(x, scale, bias):
-    """mish(layer_norm(x, scale, bias)), the hidden NormedLinear tail, with a hand-written backward.
-
-    The forward is the same float ops as the two functions. The backward is the textbook LayerNorm
-    gradient rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * mish'(u) * scale, mish'
-    as in `mish`'s custom JVP. Differentiating through the composition instead makes XLA:CPU
-    recompute the normalisation in every consumer fusion of the backward (the update spends
-    more time in these tails than in some of its matmuls); here the forward keeps xhat and mish'(u).
-    """
-    return mish(layer_norm(x, scale, bias))
-
-
-def _ln_mish_fwd(x, scale, bias, eps: float = 1e-5):
-    mean = x.mean(-1, keepdims=True)
-    xc = x - mean
-    var = (xc * xc).mean(-1, keepdims=True)
-    rstd = jax.lax.rsqrt(var + eps)
-    xhat = xc * rstd
-    u = xhat * scale + bias
-    n = jnp.exp(jnp.minimum(u, 20.0))
-    t = n * (n + 2.0)
-    d = t + 2.0
-    y = jnp.where(u > 20.0, u, u * t / d)
-    dmish = jnp.where(u > 20.0, 1.0, t / d + 4.0 * u * n * (n + 1.0) / (d * d))
-    return y, (xhat, rstd, scale, dmish, jnp.shape(bias))
-
-
-def _ln_mish_bwd(res, dy):
-    xhat, rstd, scale, dmish, bias_shape = res
-    gu = dy * dmish
-    gx = gu * scale
-    dx = rstd * (gx - gx.mean(-1, keepdims=True) - xhat * (gx * xhat).mean(-1, keepdims=True))
-    return dx, _unbroadcast(gu * xhat, jnp.shape(scale)), _unbroadcast(gu, bias_shape)
-
-
-ln_mish.defvjp(_ln_mish_fwd, _ln_mish_bwd)
-
-
 def normed_act(p, x, act: str = "mish", simnorm_dim: int = 8):
     """LayerNorm (p = {'scale', 'bias'}) then mish or SimNorm: the tail of a NormedLinear."""
-    if act != "simnorm":
-        return ln_mish(x, p["scale"], p["bias"])
-    return simnorm(layer_norm(x, p["scale"], p["bias"]), simnorm_dim)
+    x = layer_norm(x, p["scale"], p["bias"])
+    return simnorm(x, simnorm_dim) if act == "simnorm" else mish(x)
 
 
 def dropout(x, rate: float, key):
     """Training-mode dropout; the mask is jax.random.bernoulli's, bit for bit (`threefry.bernoulli`).
 
-    The barrier makes XLA store the mask once (1 byte per value) instead of fusing its 20 hash
-    rounds into every consumer: the forward, the backward and the transposes of the Q ensemble
-    each recomputed it (4x per world-model step on CPU)."""
-    keep = jax.lax.optimization_barrier(threefry.bernoulli(key, 1.0 - rate, x.shape))
+    XLA fuses cheap integer producers into every consumer, so the mask's 20 hash rounds were redone
+    in the forward, the backward and both transposes of the Q ensemble (4x per world-model step).
+    sqrt (exact on 0/1) is one of the ops XLA will not duplicate: the mask is computed and stored
+    once. (optimization_barrier does not survive XLA:CPU's pipeline.)"""
+    keep = jnp.sqrt(threefry.bernoulli(key, 1.0 - rate, x.shape).astype(x.dtype)) > 0
     return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
 def matmul(x, kernel):
-    """x @ kernel; a reduced-precision (bf16/fp16) kernel computes in its dtype, accumulating in fp32."""
+    """x @ kernel; a reduced-precision (bf16/fp16) kernel computes in its dtype, accumulating in fp32.
+
+    x may be a tuple of parts (the input concatenated along its last axis, given in pieces): then
+    each part meets its rows of the kernel and the products are summed (same math); a part of at
+    most 8 features (the action) is summed as outer products, which XLA fuses into the consumer
+    (as a matmul with K <= 8 it ran at 7 GFLOP/s)."""
+    if isinstance(x, tuple):
+        out, start = None, 0
+        for part in x:
+            k = jax.lax.slice_in_dim(kernel, start, start + part.shape[-1], axis=-2)
+            if part.shape[-1] <= 8 and kernel.dtype == part.dtype:
+                y = part[..., :1] * k[..., 0, :]
+                for j in range(1, part.shape[-1]):
+                    y = y + part[..., j:j + 1] * k[..., j, :]
+            else:
+                y = matmul(part, k)
+            out, start = (y if out is None else out + y), start + part.shape[-1]
+        return out
     if kernel.dtype == x.dtype:
         return x @ kernel
     return jnp.matmul(x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
@@ -152,7 +123,9 @@ def mlp_forward(p, x, out_act: Optional[str] = None, simnorm_dim: int = 8, rate:
 
 
 def ensemble_forward(qs, x, rate: float = 0.0, key=None):
-    """Every Q member on the same input: (num_q, ..., out); each member its own dropout mask."""
+    """Every Q member on the same input: (num_q, ..., out); each member its own dropout mask.
+
+    x may be a tuple of input parts (see `matmul`)."""
     ens = qs["ensemble"]
     num_q = jax.tree_util.tree_leaves(ens)[0].shape[0]
     keys = jax.random.split(key, num_q) if key is not None else None
@@ -273,10 +246,21 @@ def discounts(cfg: ModelConfig):
 def pick_two_qs(cfg: ModelConfig, qs, key):
     """The official Q 'min'/'avg' members: two distinct random ones (all of them when num_q == 2).
 
-    -> (cfg with num_q=2, the two members' params)."""
+    -> (cfg with num_q=2, the two members' params). = take_qs(cfg, qs, q_pair(cfg, key))."""
+    return take_qs(cfg, qs, q_pair(cfg, key))
+
+
+def q_pair(cfg: ModelConfig, key):
+    """`pick_two_qs`'s draw: the ids (2,) of two distinct random members ([0, 1] when num_q <= 2: no draw)."""
+    if cfg.num_q <= 2:
+        return jnp.arange(2, dtype=jnp.int32)
+    return jax.random.permutation(key, cfg.num_q)[:2]
+
+
+def take_qs(cfg: ModelConfig, qs, idx):
+    """The members `idx` (2,) of an ensemble -> (cfg with num_q=2, their params); all of them when num_q <= 2."""
     if cfg.num_q <= 2:
         return cfg, qs
-    idx = jax.random.permutation(key, cfg.num_q)[:2]
     return dataclasses.replace(cfg, num_q=2), jax.tree_util.tree_map(lambda x: x[idx], qs)
 
 
@@ -347,12 +331,15 @@ def pi_sample(cfg, params, z, emb, mask, key):
     return action, logp, jnp.tanh(mean)
 
 
-def q_logits(cfg, qs_params, z, a, emb, *, dropout_key=None):
+def q_logits(cfg, qs_params, z, a, emb, *, dropout_key=None, action_grad_only=False):
     """Logits of every Q member (num_q, B, nb). `qs_params` is params['qs'] or the target Qs.
 
-    A dropout_key turns training-mode dropout on (first layer, p=cfg.dropout).
+    A dropout_key turns training-mode dropout on (first layer, p=cfg.dropout). action_grad_only:
+    the caller differentiates only w.r.t. `a` (the policy loss): the first layer then runs as
+    [z, emb] @ W_ze + a @ W_a, so the backward forms the action's gradient alone (same math).
     """
-    return ensemble_forward(qs_params, _cat(z, emb, a), cfg.dropout, dropout_key)
+    x = (_cat(z, emb), a) if action_grad_only else _cat(z, emb, a)
+    return ensemble_forward(qs_params, x, cfg.dropout, dropout_key)
 
 
 def q_values(cfg, qs_params, z, a, emb, **kw):
@@ -367,7 +354,7 @@ def fold_task_batch(cfg: ModelConfig, params, task, target_qs=None):
     embedding and carry a per-sample bias b + emb_b @ W_emb of shape (B, out) ((num_q, B, out) in the
     ensembles), with emb_b the (max-norm) embedding row of sample b. emb @ W_emb is computed once per
     task for the whole table (num_tasks x T x out) and gathered by id, so the first-layer matmuls
-    lose T of their inputs (96 of 230 at the 1M MT30 shapes; 13% of the update's FLOPs) and
+    lose T of their inputs (96 of 230 at the 1M MT30 shapes; 9% of the update's FLOPs) and
     the gradient w.r.t. the embedded inputs is never formed. Same math as concatenating the
     embedding (only the float summation order differs); differentiable w.r.t. the table and every
     kernel row. `target_qs` (optional) are folded with the stop-gradient table (they only make

@@ -7,6 +7,8 @@ and exploration noise outside eval mode. Deliberate differences (documented in t
 * the 24 policy trajectories are valued once per call (their terminal policy action is drawn once,
   not once per iteration), since their actions do not change across iterations.
 `plan_batch` vmaps it over independent problems (tasks, episodes).
+`plan` draws every random number up front (`draw_noise`) and calls `plan_with_noise`, a deterministic
+function of (obs, task, previous mean, t0, noise): the one implementation, also the one exported to ONNX.
 """
 from __future__ import annotations
 
@@ -109,11 +111,60 @@ def _q_avg(cfg1, qs, z, a):
     return tmath.two_hot_inv(logits, cfg1.vmin, cfg1.vmax).mean(0)
 
 
-def estimate_value_lean(cfg1, pp, z0, actions, mask, gamma, key):
+# --- randomness: every draw of one MPPI action, made up front from its key ------------------------
+
+class PlanNoise(NamedTuple):
+    """The random numbers one MPPI action consumes (H horizon, P policy trajectories, N samples,
+    I iterations, E elites, A action dims). `draw_noise` draws them from a key exactly as `plan`
+    always did; `plan_with_noise` takes them as arrays (an exported planner takes them as inputs)."""
+    pi_eps: jax.Array      # (H, P, A) standard normals of the policy trajectories' actions
+    pi_val_eps: jax.Array  # (P, A) terminal policy-action noise when valuing the policy trajectories
+    pi_val_q: jax.Array    # (2,) int32: the Q pair of that valuation (unused when num_q <= 2)
+    eps: jax.Array         # (I, H, N - P, A) standard normals of the sampled action sequences
+    val_eps: jax.Array     # (I, N - P, A) terminal policy-action noise of each iteration's valuation
+    val_q: jax.Array       # (I, 2) int32: each iteration's Q pair
+    gumbel: jax.Array      # (E,) Gumbel noise of the final elite choice (jax.random.categorical's)
+    explore: jax.Array     # (A,) standard normals of the exploration noise (outside eval mode)
+
+
+def _value_noise(cfg, key, n):
+    """The draws a valuation of n sequences makes from its key: (policy noise (n, A), Q pair (2,))."""
+    k_pi, k_q = jax.random.split(key)
+    return jax.random.normal(k_pi, (n, cfg.action_dim), jnp.float32), networks.q_pair(cfg, k_q)
+
+
+def _pi_from_eps(cfg, params, z, emb, mask, eps):
+    """`networks.pi_sample`'s action for given standard normals eps (B, A)."""
+    mean, log_std = networks.pi_dist(cfg, params, z, emb, mask)
+    return jnp.tanh(mean + (eps * mask) * jnp.exp(log_std))
+
+
+def draw_noise(cfg: ModelConfig, pcfg: PlannerConfig, key) -> PlanNoise:
+    """Every random number of one `plan` call, from its key (the same splits and draws as before)."""
+    H, A, N, P = pcfg.horizon, cfg.action_dim, pcfg.num_samples, pcfg.num_pi_trajs
+    k_pi, k_pival, key = jax.random.split(key, 3)
+    pi_eps = jnp.stack([jax.random.normal(k, (P, A), jnp.float32) for k in jax.random.split(k_pi, H)])
+    pi_val_eps, pi_val_q = _value_noise(cfg, k_pival, P)
+    k_iter, k_choice, k_noise = jax.random.split(key, 3)
+
+    def per_iteration(k):
+        k_s, k_v = jax.random.split(k)
+        return (jax.random.normal(k_s, (H, N - P, A), jnp.float32),) + _value_noise(cfg, k_v, N - P)
+
+    eps, val_eps, val_q = jax.vmap(per_iteration)(jax.random.split(k_iter, pcfg.iterations_for(A)))
+    return PlanNoise(pi_eps, pi_val_eps, pi_val_q, eps, val_eps, val_q,
+                     jax.random.gumbel(k_choice, (pcfg.num_elites,), jnp.float32),
+                     jax.random.normal(k_noise, (A,), jnp.float32))
+
+
+def estimate_value_lean(cfg1, pp, z0, actions, mask, gamma, key=None, *, pi_eps=None, q_idx=None):
     """Same value as `estimate_value` for N sequences starting from ONE latent z0 (1, L).
 
     Step 0 shares z0 across all sequences, so its first layer is z0 @ W_z (once) + a @ W_a.
+    The terminal policy noise pi_eps (N, A) and Q pair q_idx (2,) are drawn from `key` unless given.
     """
+    if pi_eps is None:
+        pi_eps, q_idx = _value_noise(cfg1, key, actions.shape[1])
     L = z0.shape[-1]
     G, disc = 0.0, 1.0
     mm = networks.matmul
@@ -125,68 +176,77 @@ def estimate_value_lean(cfg1, pp, z0, actions, mask, gamma, key):
         disc = disc * gamma
         if t + 1 < H:
             first = mm(jnp.concatenate([z, actions[t + 1]], -1), pp["rd_kernel"]) + pp["rd_bias"]
-    k_pi, k_q = jax.random.split(key)
-    a, _, _ = networks.pi_sample(cfg1, pp, z, None, mask, k_pi)
-    _, qs = networks.pick_two_qs(cfg1, pp["qs"], k_q)
+    a = _pi_from_eps(cfg1, pp, z, None, mask, pi_eps)
+    _, qs = networks.take_qs(cfg1, pp["qs"], q_idx)
     return jnp.nan_to_num(G + disc * _q_avg(cfg1, qs, z, a), nan=0.0)
 
 
 def plan(cfg: ModelConfig, pcfg: PlannerConfig, params, obs, task, state: PlanState, t0, key,
          eval_mode: bool = True):
     """One MPPI action for one problem: obs (O,), task () int, t0 () bool -> (action (A,), state)."""
+    a, mean = plan_with_noise(cfg, pcfg, params, obs, task, state.prev_mean, t0, draw_noise(cfg, pcfg, key),
+                              eval_mode)
+    return a, PlanState(mean)
+
+
+def plan_with_noise(cfg: ModelConfig, pcfg: PlannerConfig, params, obs, task, prev_mean, t0, noise: PlanNoise,
+                    eval_mode: bool = True):
+    """`plan` with every random number given (a deterministic function; `plan` calls it after `draw_noise`).
+
+    obs (O,), task () int, prev_mean (H, A) (the previous call's mean), t0 () bool -> (action (A,), mean (H, A)).
+    """
     if pcfg.plain:
         cfg1, pp = cfg, params
         emb = networks.embed(cfg, params, jnp.reshape(task, (1,)))
         z0 = networks.encode(cfg, params, obs[None], emb)
 
-        def value(z_first, actions, k):
+        def value(z_first, actions, eps, q_idx):
             n = actions.shape[1]
             e = None if emb is None else jnp.repeat(emb, n, 0)
-            return estimate_value(cfg, params, jnp.repeat(z_first, n, 0), actions, mask, gamma, k, e)
+            return estimate_value(cfg, params, jnp.repeat(z_first, n, 0), actions, mask, gamma, None, e,
+                                  pi_eps=eps, q_idx=q_idx)
 
-        def rollout_pi(z, k):
+        def rollout_pi(z, eps):
             e = None if emb is None else jnp.repeat(emb, z.shape[0], 0)
-            a, _, _ = networks.pi_sample(cfg, params, z, e, mask, k)
+            a = _pi_from_eps(cfg, params, z, e, mask, eps)
             return a, (lambda a_: networks.next_latent(cfg, params, z, a_, e))
     else:
         cfg1, pp = prepare(cfg, params, task)
         z0 = networks.encode(cfg1, pp, obs[None], None)  # (1, L)
 
-        def value(z_first, actions, k):
-            return estimate_value_lean(cfg1, pp, z_first, actions, mask, gamma, k)
+        def value(z_first, actions, eps, q_idx):
+            return estimate_value_lean(cfg1, pp, z_first, actions, mask, gamma, pi_eps=eps, q_idx=q_idx)
 
-        def rollout_pi(z, k):
-            a, _, _ = networks.pi_sample(cfg1, pp, z, None, mask, k)
+        def rollout_pi(z, eps):
+            a = _pi_from_eps(cfg1, pp, z, None, mask, eps)
             return a, (lambda a_: networks.next_latent(cfg1, pp, z, a_, None))
     mask = _mask(cfg, task)
     gamma = networks.discounts(cfg)[task] if cfg.multitask else networks.discounts(cfg)[0]
     H, A, N, P = pcfg.horizon, cfg.action_dim, pcfg.num_samples, pcfg.num_pi_trajs
-    k_pi, k_pival, key = jax.random.split(key, 3)
 
     # policy trajectories: their actions do not change across iterations, so value them once
     if P > 0:
         z = jnp.repeat(z0, P, axis=0)
         pi_actions = []
-        for t, k in enumerate(jax.random.split(k_pi, H)):
-            a, step = rollout_pi(z, k)
+        for t in range(H):
+            a, step = rollout_pi(z, noise.pi_eps[t])
             pi_actions.append(a)
             if t < H - 1:
                 z = step(a)
         pi_actions = jnp.stack(pi_actions) * mask  # (H, P, A)
-        pi_value = value(z0, pi_actions, k_pival)
+        pi_value = value(z0, pi_actions, noise.pi_val_eps, noise.pi_val_q)
     mean = jnp.where(t0, jnp.zeros((H, A), jnp.float32),
-                     jnp.concatenate([state.prev_mean[1:], jnp.zeros((1, A), jnp.float32)]))
+                     jnp.concatenate([prev_mean[1:], jnp.zeros((1, A), jnp.float32)]))
     std = jnp.full((H, A), pcfg.max_std, jnp.float32)
 
-    def iteration(carry, k):
+    def iteration(carry, draws):
         mean, std, _, _ = carry
-        k_s, k_v = jax.random.split(k)
-        eps = jax.random.normal(k_s, (H, N - P, A), jnp.float32)
+        eps, val_eps, val_q = draws
         sampled = jnp.clip(mean[:, None] + std[:, None] * eps, -1.0, 1.0) * mask
-        val = value(z0, sampled, k_v)
+        val = value(z0, sampled, val_eps, val_q)
         if P > 0:
             actions = jnp.concatenate([pi_actions, sampled], axis=1)
-            pv = value(z0, pi_actions, k_pival) if pcfg.plain else pi_value
+            pv = value(z0, pi_actions, noise.pi_val_eps, noise.pi_val_q) if pcfg.plain else pi_value
             val = jnp.concatenate([pv, val])
         else:
             actions = sampled
@@ -200,29 +260,30 @@ def plan(cfg: ModelConfig, pcfg: PlannerConfig, params, obs, task, state: PlanSt
         std = jnp.clip(std, pcfg.min_std, pcfg.max_std)
         return (mean * mask, std * mask, elites, score), None
 
-    k_iter, k_choice, k_noise = jax.random.split(key, 3)
     init = (mean, std, jnp.zeros((H, pcfg.num_elites, A)), jnp.zeros((pcfg.num_elites,)))
-    (mean, std, elites, score), _ = jax.lax.scan(iteration, init, jax.random.split(k_iter, pcfg.iterations_for(A)))
-    idx = jax.random.categorical(k_choice, jnp.log(score))
+    (mean, std, elites, score), _ = jax.lax.scan(iteration, init, (noise.eps, noise.val_eps, noise.val_q))
+    idx = jnp.argmax(noise.gumbel + jnp.log(score))  # jax.random.categorical(k, log(score)) with its Gumbel draw
     a = elites[0, idx]
     if not eval_mode:
-        a = a + std[0] * jax.random.normal(k_noise, (A,), jnp.float32)
-    return jnp.clip(a, -1.0, 1.0), PlanState(mean)
+        a = a + std[0] * noise.explore
+    return jnp.clip(a, -1.0, 1.0), mean
 
 
-def estimate_value(cfg, params, z, actions, mask, gamma, key, emb=None):
+def estimate_value(cfg, params, z, actions, mask, gamma, key=None, emb=None, *, pi_eps=None, q_idx=None):
     """Plain value of N sequences: H-step model return + gamma^H * Q_avg(z_H, pi(z_H)).
 
-    z (N, L), actions (H, N, A), emb (N, T) or None: the official computation.
+    z (N, L), actions (H, N, A), emb (N, T) or None: the official computation. The terminal policy
+    noise pi_eps (N, A) and Q pair q_idx (2,) are drawn from `key` unless given.
     """
+    if pi_eps is None:
+        pi_eps, q_idx = _value_noise(cfg, key, actions.shape[1])
     G, disc = 0.0, 1.0
     for t in range(actions.shape[0]):
         G = G + disc * networks.reward(cfg, params, z, actions[t], emb)
         z = networks.next_latent(cfg, params, z, actions[t], emb)
         disc = disc * gamma
-    k_pi, k_q = jax.random.split(key)
-    a, _, _ = networks.pi_sample(cfg, params, z, emb, mask, k_pi)
-    qcfg, qs = networks.pick_two_qs(cfg, params["qs"], k_q)
+    a = _pi_from_eps(cfg, params, z, emb, mask, pi_eps)
+    qcfg, qs = networks.take_qs(cfg, params["qs"], q_idx)
     q = networks.q_values(qcfg, qs, z, a, emb).mean(0)
     return jnp.nan_to_num(G + disc * q, nan=0.0)
 

@@ -81,10 +81,13 @@ def study_scaling(summary: dict, out_png: str):
             m = np.array([g[key]["mean"] for g in gs])
             lo = m - np.array([g[key]["mean_ci95"][0] for g in gs])
             hi = np.array([g[key]["mean_ci95"][1] for g in gs]) - m
-            ax.errorbar(x, m, yerr=[lo, hi], marker="o", capsize=4, label=f"{arm} ({', '.join(str(len(g['seeds'])) for g in gs)} seeds)")
+            ax.errorbar(x, m, yerr=[lo, hi], marker="o", capsize=4, label=f"{arm} (seeds per size: {', '.join(str(len(g['seeds'])) for g in gs)})")
         if teacher_score is not None:
             ax.axhline(teacher_score, color="k", ls="--", lw=1, label=f"teacher ({t['learnable_params'] / 1e6:.2f}M): {teacher_score:.1f}")
+            ax.plot([t["learnable_params"]], [teacher_score], "k*", ms=12)
         ax.set_xscale("log")
+        ax.set_xlim(5e4, 3e6)
+        ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], 1.1 * (teacher_score or 0)))
         ax.set_xlabel("student learnable parameters")
         ax.set_ylabel("MT30 normalized score")
         ax.set_title(title)
@@ -109,7 +112,7 @@ def study_per_task(scores: Dict[str, np.ndarray], tasks: Sequence[str], teacher:
         s = scores[arm]
         m = s.mean(0)
         ax.bar(x + (i - (len(arms) - 1) / 2) * width, m, width, yerr=[m - s.min(0), s.max(0) - m], capsize=1.5,
-               label=f"{arm} ({s.shape[0]} seeds)", error_kw={"lw": 0.7})
+               label=f"{arm} ({s.shape[0]} seed{'s' if s.shape[0] > 1 else ''})", error_kw={"lw": 0.7})
     ax.scatter(x, [teacher[t] for t in tasks], marker="_", s=120, color="k", zorder=3, label="teacher")
     ax.set_xticks(x)
     ax.set_xticklabels(tasks, rotation=70, ha="right", fontsize=8)

@@ -74,6 +74,8 @@ OUTPUT_KINDS = {
     "study": ("a study.py directory", _run_dir("study", lambda d: _has(d, "runs") and _has(d, "data")), False),
     "study-results": ("a study.py --report directory", _run_dir("study-results", lambda d: _has(d, "summary.json")),
                       False),
+    "onnx-export": ("an export.py ONNX directory",
+                    lambda d: _format(os.path.join(d, "manifest.json")) == "tdmpc_jax-onnx", True),
     "pipeline": ("a pipeline.py output directory", _run_dir("pipeline", lambda d: _has(d, "settings.json") or (
         _format(os.path.join(d, "data", "meta.json")) == "tdmpc_jax-dataset")), False),
 }

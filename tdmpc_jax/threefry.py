@@ -2,7 +2,7 @@
 
 `bernoulli(key, p, shape)` returns exactly `jax.random.bernoulli(key, p, shape)` (same key, same bits,
 same comparison; tested bit for bit) for the default threefry keys with `jax_threefry_partitionable`
-(the default since JAX 0.5). The difference is only in how it is compiled: on CPU, JAX lowers the
+(JAX's default). The difference is only in how it is compiled: on CPU, JAX lowers the
 20 Threefry rounds as a rolled `while` loop of 5 iterations whose state (two uint32 arrays of the
 mask's size) is copied in and out of every iteration, so a mask costs ~10 passes over memory. Written
 as plain unrolled uint32 arithmetic (the same rounds and key schedule as

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tdmpc_jax import networks
+from tdmpc_jax import host_memory, networks
 from tdmpc_jax.config import ModelConfig, TrainConfig
 from tdmpc_jax.losses import Batch, make_losses
 
@@ -81,7 +81,7 @@ def make_update(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[Model
 
         def wm_loss(rest):
             return losses.world_model(dict(rest, pi_head=pi_params), state.target_qs, batch, k_wm, teacher_params)
-        (loss, (metrics, zs)), grads = jax.value_and_grad(wm_loss, has_aux=True)(rest)
+        (loss, (metrics, zs, pi_targets)), grads = jax.value_and_grad(wm_loss, has_aux=True)(rest)
         if leak:  # torch accumulates the previous policy backward's embedding grad into this one
             grads = dict(grads, task_emb={"embedding": grads["task_emb"]["embedding"] + state.emb_leak})
         metrics["grad_norm"] = optax.global_norm(grads)
@@ -90,7 +90,7 @@ def make_update(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[Model
         params = networks.write_back_max_norm(cfg, dict(rest, pi_head=pi_params), batch.task)  # policy lookup
         trainable = {"pi_head": pi_params, "task_emb": params["task_emb"]} if leak else {"pi_head": pi_params}
         (pi_loss, (pi_metrics, scale)), pi_grads = jax.value_and_grad(losses.policy, has_aux=True)(
-            trainable, params, zs, batch.task, state.scale, k_pi)
+            trainable, params, zs, batch.task, state.scale, k_pi, pi_targets)
         pi_upd, pi_state = pi_opt.update(pi_grads["pi_head"], state.pi_opt, pi_params)
         params = dict(params, pi_head=optax.apply_updates(pi_params, pi_upd))
         target = jax.tree_util.tree_map(lambda t, o: (1 - tcfg.tau) * t + tcfg.tau * o, state.target_qs, params["qs"])
@@ -106,15 +106,21 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), ("data",))
 
 
-def batch_sharding(mesh: Mesh) -> Batch:
-    """obs/action/reward shard their batch axis (1), task its only axis."""
-    return Batch(NamedSharding(mesh, P(None, "data")), NamedSharding(mesh, P(None, "data")),
-                 NamedSharding(mesh, P(None, "data")), NamedSharding(mesh, P("data")))
+def batch_sharding(mesh: Mesh, block: bool = False) -> Batch:
+    """obs/action/reward shard their batch axis (1), task its only axis; `block`: a leading axis of
+    stacked batches (make_train_steps) comes first, unsharded."""
+    lead = (None,) if block else ()
+    return Batch(NamedSharding(mesh, P(*lead, None, "data")), NamedSharding(mesh, P(*lead, None, "data")),
+                 NamedSharding(mesh, P(*lead, None, "data")), NamedSharding(mesh, P(*lead, "data")))
 
 
 def make_train_step(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[ModelConfig] = None,
                     mesh: Optional[Mesh] = None):
-    """Jitted data-parallel step(state, batch, key, teacher_params) over `mesh` (default: all devices)."""
+    """Jitted data-parallel step(state, batch, key, teacher_params) over `mesh` (default: all devices).
+
+    Also keeps large freed host blocks for reuse (`host_memory.keep_freed_memory`: the update's
+    temporaries no longer page-fault in on every call)."""
+    host_memory.keep_freed_memory()
     mesh = mesh or make_mesh()
     n = mesh.devices.size
     if tcfg.batch_size % n:
@@ -130,6 +136,52 @@ def make_train_step(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[M
         state, key, teacher_params = (_globalize(t, rep) for t in (state, key, teacher_params))
         return step(state, batch, key, teacher_params)
     run.mesh = mesh
+    return run
+
+
+def make_update_block(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[ModelConfig] = None,
+                      fused: bool = True):
+    """K updates as one pure function (purejaxrl style): (state, batches, keys, teacher_params) ->
+    (state, metrics) with `batches` a Batch whose leaves have a leading axis of K pre-sampled batches,
+    `keys` (K, 2) and every metric stacked to (K,). A `lax.scan` of `make_update`: the same
+    computation, one dispatch (and one host round trip) per K updates."""
+    update = make_update(cfg, tcfg, teacher_cfg, fused)
+
+    def block(state: TrainState, batches: Batch, keys, teacher_params=None):
+        return jax.lax.scan(lambda s, bk: update(s, bk[0], bk[1], teacher_params), state, (batches, keys))
+
+    return block
+
+
+def make_train_steps(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[ModelConfig] = None,
+                     mesh: Optional[Mesh] = None, block: int = 1):
+    """`make_train_step` for blocks of `block` updates per jitted call (for accelerators, where the
+    per-call dispatch and host sync dominate small updates).
+
+    steps(state, batches, keys, teacher_params) -> (state, metrics): batches is a Batch of K = `block`
+    stacked GLOBAL batches (obs (K, H+1, B, O), action (K, H, B, A), reward (K, H, B), task (K, B)),
+    keys (K, 2) the K update keys; metrics come back stacked (K,). Equals K calls of make_train_step
+    with the same batches and keys (tested)."""
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    host_memory.keep_freed_memory()
+    mesh = mesh or make_mesh()
+    n = mesh.devices.size
+    if tcfg.batch_size % n:
+        raise ValueError(f"batch size {tcfg.batch_size} is not divisible by the {n} devices")
+    steps = _jitted_block(cfg, tcfg, teacher_cfg, mesh)
+    rep = NamedSharding(mesh, P())
+    shard = batch_sharding(mesh, block=True)
+
+    def run(state, batches, keys, teacher_params=None):
+        lead = {np.shape(x)[0] for x in batches} | {np.shape(keys)[0]}
+        if lead != {block}:
+            raise ValueError(f"expected {block} stacked batches and keys, got leading sizes {sorted(lead)}")
+        batches = Batch(*(_to_global(x, s) for x, s in zip(batches, shard)))
+        state, keys, teacher_params = (_globalize(t, rep) for t in (state, keys, teacher_params))
+        return steps(state, batches, keys, teacher_params)
+    run.mesh = mesh
+    run.block = block
     return run
 
 
@@ -152,6 +204,13 @@ def _jitted_update(cfg, tcfg, teacher_cfg, mesh):
     """One compiled step per (configs, mesh) in a process (runs and resumes reuse it)."""
     rep = NamedSharding(mesh, P())
     return jax.jit(make_update(cfg, tcfg, teacher_cfg), in_shardings=(rep, batch_sharding(mesh), rep, rep),
+                   out_shardings=(rep, rep), donate_argnums=(0,))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_block(cfg, tcfg, teacher_cfg, mesh):
+    rep = NamedSharding(mesh, P())
+    return jax.jit(make_update_block(cfg, tcfg, teacher_cfg), in_shardings=(rep, batch_sharding(mesh, True), rep, rep),
                    out_shardings=(rep, rep), donate_argnums=(0,))
 
 

@@ -118,7 +118,8 @@ def test_world_model_terms_match_numpy(setup):
     cfg, params, target, batch = setup
     tcfg = TrainConfig(horizon=H)
     key = jax.random.PRNGKey(3)
-    loss, (m, zs) = make_losses(cfg, tcfg).world_model(params, target, batch, key)
+    loss, (m, zs, pi_targets) = make_losses(cfg, tcfg).world_model(params, target, batch, key)
+    assert pi_targets == {}
     # the same policy noise for the TD target's sampled action
     k_pi, _, _ = jax.random.split(key, 3)
     masks = np.array([[1, 1], [1, 0], [1, 1]], np.float64)[batch.task]
@@ -161,9 +162,10 @@ def test_distillation_terms_match_numpy(setup):
     tparams, _ = random_params(tcfg_, 7)
     tcfg = TrainConfig(horizon=H, distill_coef=0.45, distill_q_coef=0.1, distill_policy_coef=0.2,
                        distill_reward_kl_coef=0.3, distill_temperature=2.0)
-    base_loss, (base_m, _) = make_losses(cfg, TrainConfig(horizon=H)).world_model(
+    base_loss, (base_m, _, _) = make_losses(cfg, TrainConfig(horizon=H)).world_model(
         params, target, batch, jax.random.PRNGKey(3))
-    loss, (m, _) = make_losses(cfg, tcfg, tcfg_).world_model(params, target, batch, jax.random.PRNGKey(3), tparams)
+    losses = make_losses(cfg, tcfg, tcfg_)
+    loss, (m, model_zs, pi_targets) = losses.world_model(params, target, batch, jax.random.PRNGKey(3), tparams)
     obs0, a0 = batch.obs[0].astype(np.float64), batch.action[0].astype(np.float64)
     emb_s, emb_t = np_emb(params, batch.task), np_emb(tparams, batch.task)
     zs = np_mlp(params["encoder"], np.concatenate([obs0, emb_s], -1), "simnorm")
@@ -181,9 +183,15 @@ def test_distillation_terms_match_numpy(setup):
     np.testing.assert_allclose(m["distill_reward_mse"], mse, rtol=2e-4)
     np.testing.assert_allclose(m["distill_reward_kl"], kl, rtol=2e-3, atol=1e-6)
     np.testing.assert_allclose(m["distill_q_mse"], np.mean((qs - qt) ** 2), rtol=2e-4)
-    np.testing.assert_allclose(m["distill_policy_mse"], np.mean((ms - mt) ** 2), rtol=2e-4)
-    np.testing.assert_allclose(loss - base_loss, 0.45 * mse + 0.3 * kl + 0.1 * np.mean((qs - qt) ** 2)
-                               + 0.2 * np.mean((ms - mt) ** 2), rtol=2e-3)
+    # the policy term trains pi_head, so it is in the policy loss: its target is the teacher's mean action
+    np.testing.assert_allclose(pi_targets["distill_policy"][0], mt, atol=1e-5)
+    np.testing.assert_allclose(loss - base_loss, 0.45 * mse + 0.3 * kl + 0.1 * np.mean((qs - qt) ** 2), rtol=2e-3)
+    key = jax.random.PRNGKey(4)
+    pi_base, _ = losses.policy({"pi_head": params["pi_head"]}, params, model_zs, batch.task, jnp.float32(1.0), key)
+    pi_loss, (pm, _) = losses.policy({"pi_head": params["pi_head"]}, params, model_zs, batch.task, jnp.float32(1.0),
+                                     key, pi_targets)
+    np.testing.assert_allclose(pm["distill_policy_mse"], np.mean((ms - mt) ** 2), rtol=2e-4)
+    np.testing.assert_allclose(pi_loss - pi_base, 0.2 * np.mean((ms - mt) ** 2), rtol=2e-3)
 
 
 @pytest.mark.parametrize("variant", ["new", "old"])

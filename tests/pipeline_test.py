@@ -23,7 +23,7 @@ def test_committed_teacher_loads():
 def test_pipeline_killed_then_rerun(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, SCRIPT, f"--output={out}", "--steps=60", "--collect_episodes=1", "--episodes=1",
-            "--batch_size=32", "--mpc=false", "--tasks=cartpole-balance,pendulum-spin"]
+            "--batch_size=32", "--mpc=false", "--collect_mpc=false", "--tasks=cartpole-balance,pendulum-spin"]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = ""
     deadline = time.time() + 600

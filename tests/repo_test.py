@@ -60,7 +60,7 @@ def test_a_clone_with_nothing_beside_it_collects_every_test(tmp_path):
     """Copy what a clone would hold into a directory with no ../shared and collect the suite there."""
     clone = tmp_path / "clone"
     for f in _repo_files():
-        if f.startswith(("tests/", "checkpoints/td-mpc-opt/")) or f in ("setup.cfg", "pyproject.toml"):
+        if f.startswith(("tests/", "checkpoints/", "experiments/")) or f in ("setup.cfg", "pyproject.toml"):
             dst = clone / f
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(os.path.join(REPO, f), dst)
