@@ -1,7 +1,8 @@
 """Train state and the TD-MPC2 update: one jitted step, data-parallel over a device mesh.
 
 `make_train_step(cfg, tcfg, teacher_cfg, mesh)` returns step(state, batch, teacher_params) -> (state,
-metrics).
+metrics); `make_train_steps(..., block=K)` runs K updates per jitted call (a lax.scan over K stacked
+batches; for accelerators).
 
 Task embedding (official nn.Embedding(max_norm=1)): PyTorch renormalises the looked-up rows IN the
 stored weight before each lookup, so the optimiser steps from the rescaled rows and the gradient is

@@ -31,7 +31,8 @@ def _batch(cfg, seed):
     rng = np.random.RandomState(seed)
     return Batch(rng.randn(H + 1, B, cfg.obs_dim).astype(np.float32),
                  rng.uniform(-1, 1, (H, B, cfg.action_dim)).astype(np.float32),
-                 rng.uniform(0, 2, (H, B)).astype(np.float32), rng.randint(0, max(cfg.num_tasks, 1), B).astype(np.int32))
+                 rng.uniform(0, 2, (H, B)).astype(np.float32),
+                 rng.randint(0, max(cfg.num_tasks, 1), B).astype(np.int32))
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 5, 2), (2, 4, 64, 48)])
