@@ -115,17 +115,23 @@ def batch_sharding(mesh: Mesh, block: bool = False) -> Batch:
                  NamedSharding(mesh, P(*lead, None, "data")), NamedSharding(mesh, P(*lead, "data")))
 
 
+def _step_mesh(tcfg: TrainConfig, mesh: Optional[Mesh]) -> Mesh:
+    """The mesh a step runs on (default: all devices), checked against the batch; tunes host memory."""
+    host_memory.keep_freed_memory()
+    mesh = mesh or make_mesh()
+    n = mesh.devices.size
+    if tcfg.batch_size % n:
+        raise ValueError(f"batch size {tcfg.batch_size} is not divisible by the {n} devices")
+    return mesh
+
+
 def make_train_step(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[ModelConfig] = None,
                     mesh: Optional[Mesh] = None):
     """Jitted data-parallel step(state, batch, key, teacher_params) over `mesh` (default: all devices).
 
     Also keeps large freed host blocks for reuse (`host_memory.keep_freed_memory`: the update's
     temporaries no longer page-fault in on every call)."""
-    host_memory.keep_freed_memory()
-    mesh = mesh or make_mesh()
-    n = mesh.devices.size
-    if tcfg.batch_size % n:
-        raise ValueError(f"batch size {tcfg.batch_size} is not divisible by the {n} devices")
+    mesh = _step_mesh(tcfg, mesh)
     step = _jitted_update(cfg, tcfg, teacher_cfg, mesh)
 
     rep = NamedSharding(mesh, P())
@@ -165,11 +171,7 @@ def make_train_steps(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[
     with the same batches and keys (tested)."""
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
-    host_memory.keep_freed_memory()
-    mesh = mesh or make_mesh()
-    n = mesh.devices.size
-    if tcfg.batch_size % n:
-        raise ValueError(f"batch size {tcfg.batch_size} is not divisible by the {n} devices")
+    mesh = _step_mesh(tcfg, mesh)
     steps = _jitted_block(cfg, tcfg, teacher_cfg, mesh)
     rep = NamedSharding(mesh, P())
     shard = batch_sharding(mesh, block=True)
