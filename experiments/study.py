@@ -32,9 +32,11 @@ flags.DEFINE_integer("batch_size", 256, "batch size")
 flags.DEFINE_integer("collect_episodes", 20, "teacher episodes per task in the dataset")
 flags.DEFINE_integer("mppi_episodes", 3, "MPPI evaluation episodes per task")
 flags.DEFINE_integer("pi_episodes", 10, "policy-prior evaluation episodes per task")
+flags.DEFINE_integer("eval_workers", 0, "environment worker processes per evaluation (0: step in-process)")
 cli.existing_path("teacher", "teacher_mppi")
 cli.positive_int("steps", "batch_size", "collect_episodes", "mppi_episodes", "pi_episodes")
 cli.int_range("stage", lo=1, hi=2)
+cli.int_range("eval_workers", lo=0, hi=256)
 cli.output("output", "study")
 cli.output("results", "study-results")
 
@@ -89,7 +91,8 @@ def main(argv):
                          scfg.pi_episodes, PlannerConfig(mpc=False), True)
     t0 = time.perf_counter()
     for i, u in enumerate(units):
-        rec = study.run_unit(out, u, teacher, ds, scfg, REPO, log=lambda m: print(m, flush=True))
+        rec = study.run_unit(out, u, teacher, ds, scfg, REPO, log=lambda m: print(m, flush=True),
+                             eval_workers=FLAGS.eval_workers)
         el = time.perf_counter() - t0
         print(f"== unit {i + 1}/{len(units)} {u.name}: MPPI {rec['mppi_normalized_score']:.1f}, policy prior "
               f"{rec['pi_normalized_score']:.1f} (this sitting {el / 60:.0f} min)", flush=True)

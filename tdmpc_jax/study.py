@@ -89,6 +89,9 @@ def stage_units(stage: int) -> List[Unit]:
 
 
 def git_commit(repo: str) -> str:
+    """HEAD of `repo`; $TDMPC_JAX_GIT_COMMIT where the tree travels without its .git (a GPU machine)."""
+    if os.environ.get("TDMPC_JAX_GIT_COMMIT"):
+        return os.environ["TDMPC_JAX_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10).stdout.strip()
@@ -124,19 +127,21 @@ def study_tasks(teacher, scfg: StudyConfig) -> List[str]:
     return list(scfg.tasks or teacher.config.tasks)
 
 
-def _evaluate_into(directory, agent, tasks, episodes, pcfg, eval_mode, seed=1):
+def _evaluate_into(directory, agent, tasks, episodes, pcfg, eval_mode, seed=1, num_workers=0):
     from tdmpc_jax.evaluation import evaluate
     from tdmpc_jax.results_io import read_results, write_results
     if os.path.exists(os.path.join(directory, "results.json")):
         return read_results(directory)
     os.makedirs(directory, exist_ok=True)
-    res = evaluate(agent, tasks, episodes, seed, pcfg, eval_mode=eval_mode, progress=True)
+    res = evaluate(agent, tasks, episodes, seed, pcfg, eval_mode=eval_mode, num_workers=num_workers, progress=True)
     write_results(directory, res)
     return res
 
 
-def run_unit(out: str, unit: Unit, teacher, dataset, scfg: StudyConfig, repo: str, log=print) -> dict:
-    """Train and evaluate one unit, skipping what is already there; -> its DONE record."""
+def run_unit(out: str, unit: Unit, teacher, dataset, scfg: StudyConfig, repo: str, log=print,
+             eval_workers: int = 0) -> dict:
+    """Train and evaluate one unit, skipping what is already there; -> its DONE record. `eval_workers`
+    environment processes step the evaluation episodes (same returns as in-process stepping)."""
     from tdmpc_jax.config import TrainConfig, student_config
     from tdmpc_jax.offline import RunConfig, train_offline
     from tdmpc_jax.planner import PlannerConfig
@@ -165,18 +170,25 @@ def run_unit(out: str, unit: Unit, teacher, dataset, scfg: StudyConfig, repo: st
     agent = tdmpc_jax.load_checkpoint(agent_dir)
     log(f"[{unit.name}] policy prior, {scfg.pi_episodes} episodes per task ...")
     tasks = study_tasks(teacher, scfg)
-    pi = _evaluate_into(os.path.join(d, "eval_pi"), agent, tasks, scfg.pi_episodes, PlannerConfig(mpc=False), True)
+    pi = _evaluate_into(os.path.join(d, "eval_pi"), agent, tasks, scfg.pi_episodes, PlannerConfig(mpc=False), True,
+                        num_workers=eval_workers)
     log(f"[{unit.name}] MPPI (official settings), {scfg.mppi_episodes} episodes per task ...")
     mppi = _evaluate_into(os.path.join(d, "eval_mppi"), agent, tasks, scfg.mppi_episodes, PlannerConfig(),
-                          scfg.eval_mode)
+                          scfg.eval_mode, num_workers=eval_workers)
     rows = _log_rows(os.path.join(d, "train", "metrics.jsonl"))
     per_update = rows[-1]["elapsed_s"] / rows[-1]["step"] if rows and rows[-1].get("elapsed_s") else None
     record = {**info, "learnable_params": agent.num_params()["learnable"],
               "mppi_normalized_score": mppi["normalized_score"], "pi_normalized_score": pi["normalized_score"],
-              "train_s_per_update": per_update, "uses_teacher": tcfg.uses_teacher,
+              "train_s_per_update": per_update, "uses_teacher": tcfg.uses_teacher, "device": _device(),
               "wall_s_this_sitting": time.perf_counter() - t0}
     atomic.write_file(os.path.join(d, "DONE"), json.dumps(record, indent=1))
     return _done(os.path.join(d, "DONE"))
+
+
+def _device() -> str:
+    import jax
+    d = jax.devices()[0]
+    return f"{d.platform}: {getattr(d, 'device_kind', '') or d.platform}"
 
 
 def _log_rows(path):
