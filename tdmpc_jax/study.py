@@ -272,7 +272,7 @@ def report(out: str, dest: str, teacher_mppi: dict, teacher_pi: Optional[dict], 
         recs = [g[1] for g in v]
         summary["groups"][k] = {"size": z, "arm": a, "dims": SIZES[z], "learnable_params": recs[0]["learnable_params"],
                                 "seeds": sorted(g[0].seed for g in v), "mppi": agg_mppi[k], "pi": agg_pi[k],
-                                "train_s_per_update": float(np.mean([r["train_s_per_update"] or np.nan for r in recs])),
+                                "train_s_per_update": _per_device([r for r in recs]),
                                 "uses_teacher": recs[0]["uses_teacher"]}
     for z in {z for z, _ in groups}:
         base = f"{z}/scratch"
@@ -291,6 +291,16 @@ def report(out: str, dest: str, teacher_mppi: dict, teacher_pi: Optional[dict], 
     return summary
 
 
+def _per_device(recs) -> Dict[str, float]:
+    """Mean seconds per update by device: runs trained on different machines are not averaged together
+    (a record without "device" was trained on the CPU, before the field existed)."""
+    by: Dict[str, list] = {}
+    for r in recs:
+        if r.get("train_s_per_update"):
+            by.setdefault(r.get("device", "cpu"), []).append(r["train_s_per_update"])
+    return {k: float(np.mean(v)) for k, v in sorted(by.items())}
+
+
 def SIZES_ORDER(size: str) -> int:
     return list(SIZES).index(size)
 
@@ -300,7 +310,7 @@ def _markdown(s: dict) -> str:
     lines = [f"Teacher (released TD-MPC-Opt 1M, {t['learnable_params']:,} learnable): MPPI {t['mppi_normalized_score']:.1f}"
              + (f", policy prior {t['pi_normalized_score']:.1f}" if t["pi_normalized_score"] is not None else ""), "",
              "| size | dims | learnable | arm | seeds | MPPI mean [95% CI] | MPPI IQM [95% CI] | % of teacher | "
-             "policy prior mean [95% CI] | s/update |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "policy prior mean [95% CI] | s/update (device) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for k, g in s["groups"].items():
         m, p = g["mppi"], g["pi"]
         lines.append(f"| {g['size']} | {g['dims']} | {g['learnable_params']:,} | {g['arm']} | {len(g['seeds'])} | "
@@ -308,7 +318,7 @@ def _markdown(s: dict) -> str:
                      f"{m['iqm']:.1f} [{m['iqm_ci95'][0]:.1f}, {m['iqm_ci95'][1]:.1f}] | "
                      f"{100 * m['mean'] / t['mppi_normalized_score']:.0f}% | "
                      f"{p['mean']:.1f} [{p['mean_ci95'][0]:.1f}, {p['mean_ci95'][1]:.1f}] | "
-                     f"{g['train_s_per_update']:.3f} |")
+                     f"{'; '.join(f'{v:.4f} ({k})' for k, v in g['train_s_per_update'].items())} |")
     if s["improvement"]:
         lines += ["", "| comparison | P(improvement), MPPI [95% CI] | policy prior [95% CI] |", "|---|---|---|"]
         for k, v in sorted(s["improvement"].items()):
