@@ -28,6 +28,8 @@ flags.DEFINE_integer("num_elites", 64, "MPPI elites")
 flags.DEFINE_integer("num_pi_trajs", 24, "policy trajectories among the samples")
 flags.DEFINE_integer("horizon", 3, "planning horizon")
 flags.DEFINE_integer("workers", 0, "environment worker processes (0: step in this process)")
+flags.DEFINE_integer("chunk", 0, "MPPI problems planned together per vmapped chunk (0: the backend's default, "
+                     "4 on a CPU, all problems on an accelerator); results do not depend on it")
 flags.DEFINE_list("compare", None, "result directories to plot side by side instead of evaluating")
 flags.DEFINE_enum("runtime", "jax", ["jax", "onnx"], "act with the JAX planner or an exported ONNX agent")
 flags.DEFINE_string("onnx_dir", None, "with --runtime=onnx: a directory written by experiments/export.py")
@@ -37,7 +39,7 @@ cli.existing_path("checkpoint")
 cli.existing_path("onnx_dir", kind="dir")
 cli.task_list("tasks")
 cli.positive_int("episodes", "iterations", "num_samples", "num_elites", "horizon")
-cli.non_negative_int("num_pi_trajs", "workers")
+cli.non_negative_int("num_pi_trajs", "workers", "chunk")
 cli.seed("seed")
 cli.output("output", "eval")
 
@@ -99,7 +101,8 @@ def main(argv):
     else:
         agent = tdmpc_jax.load_checkpoint(FLAGS.checkpoint)
         pcfg = PlannerConfig(horizon=FLAGS.horizon, iterations=FLAGS.iterations, num_samples=FLAGS.num_samples,
-                             num_elites=FLAGS.num_elites, num_pi_trajs=FLAGS.num_pi_trajs, mpc=FLAGS.mpc)
+                             num_elites=FLAGS.num_elites, num_pi_trajs=FLAGS.num_pi_trajs, mpc=FLAGS.mpc,
+                             chunk=FLAGS.chunk)
     check_dims(agent, resolve_tasks(agent, FLAGS.tasks))  # the tasks fit the checkpoint, before any episode
     claim_output(FLAGS.output, "eval", FLAGS.overwrite)
     res = evaluate(agent, FLAGS.tasks, FLAGS.episodes, FLAGS.seed, pcfg, FLAGS.eval_mode, FLAGS.workers, actor=actor)
@@ -124,6 +127,7 @@ def _onnx_actor():
     from tdmpc_jax.config import ModelConfig
     from tdmpc_jax.evaluation import resolve_tasks
     from tdmpc_jax.planner import PlannerConfig
+    from tdmpc_jax.rollout import host_actor
     runtime = OnnxAgent(FLAGS.onnx_dir, FLAGS.precision, mpc=FLAGS.mpc, seed=FLAGS.seed)
     m = runtime.manifest
     agent = Agent(ModelConfig.from_dict(m["config"]), {}, {}, {"source": FLAGS.onnx_dir})
@@ -135,7 +139,7 @@ def _onnx_actor():
         raise ValueError(f"--onnx_dir={FLAGS.onnx_dir}: exported without the planner; use --mpc=false")
     kw = {k: v for k, v in m["planner"].items() if k in PlannerConfig.__dataclass_fields__}
     pcfg = PlannerConfig(**dict(kw, mpc=FLAGS.mpc))
-    return agent, pcfg, lambda obs, task, t0: runtime.act_batch(obs, task, t0, FLAGS.mpc)
+    return agent, pcfg, host_actor(lambda obs, task, t0: runtime.act_batch(obs, task, t0, FLAGS.mpc))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def main(argv):
     except Exception as e:  # dm_control loads the GL backend at import: say so in one line
         raise RuntimeError(f"rendering failed with MUJOCO_GL={os.environ.get('MUJOCO_GL')}: cannot load the "
                            f"GL backend ({type(e).__name__}: {e})") from None
-    from tdmpc_jax import atomic, planner
+    from tdmpc_jax import atomic, planner, rollout
     from tdmpc_jax.results_io import GIF_COMMENT, check_output
     ext = os.path.splitext(FLAGS.output)[1].lower()
     if ext == ".mp4":
@@ -49,7 +49,6 @@ def main(argv):
         except ImportError:
             raise ValueError("writing .mp4 needs `pip install imageio[ffmpeg]`; use a .gif output instead") from None
     env = envs.make(FLAGS.task, FLAGS.seed)
-    agent = None
     if FLAGS.checkpoint:
         import tdmpc_jax
         from tdmpc_jax.evaluation import check_dims, resolve_tasks
@@ -57,27 +56,25 @@ def main(argv):
         check_dims(agent, resolve_tasks(agent, [FLAGS.task]))
         cfg = agent.config
         pcfg = planner.PlannerConfig(mpc=FLAGS.mpc)
+        actor = rollout.make_actor(cfg, pcfg, batched=False)  # one problem, key PRNGKey(t) at step t
         params = jax.tree_util.tree_map(jnp.asarray, agent.params)
-        task = jnp.int32(cfg.task_index(FLAGS.task) if cfg.multitask else 0)
         state = planner.init_state(cfg, pcfg)
+        task = np.asarray([cfg.task_index(FLAGS.task) if cfg.multitask else 0], np.int32)
+        batch = envs.BatchedEnv([env], cfg.obs_dim, cfg.action_dim)
+    else:  # random actions
+        rng = np.random.RandomState(FLAGS.seed)
+        actor = rollout.host_actor(lambda obs, task, t0: rng.uniform(-1, 1, (1, env.action_dim)).astype(np.float32))
+        params = state = None
+        task = np.zeros(1, np.int32)
+        batch = envs.BatchedEnv([env])
     try:
-        obs = env.reset()
+        obs = batch.reset()
         frames = [env.render(FLAGS.size, FLAGS.size)]
     except Exception as e:  # no GL backend: say so in one line
         raise RuntimeError(f"rendering failed with MUJOCO_GL={os.environ.get('MUJOCO_GL')}: {e}") from None
-    rng = np.random.RandomState(FLAGS.seed)
-    total = 0.0
-    for t in range(min(FLAGS.steps, env.episode_length)):
-        if agent is None:
-            a = rng.uniform(-1, 1, env.action_dim).astype(np.float32)
-        else:
-            padded = envs.pad_obs(obs, cfg.obs_dim)
-            a, state = planner.act_one(cfg, pcfg, params, jnp.asarray(padded), task, state, jnp.bool_(t == 0),
-                                       jax.random.PRNGKey(t))
-            a = np.asarray(a)[: env.action_dim]
-        obs, r, done, _ = env.step(a)
-        total += r
-        frames.append(env.render(FLAGS.size, FLAGS.size))
+    total = rollout.rollout(batch, actor, params, task, min(FLAGS.steps, env.episode_length), jax.random.PRNGKey,
+                            state=state, obs=obs,  # a frame after every step
+                            on_step=lambda *_: frames.append(env.render(FLAGS.size, FLAGS.size)))[0]
     out = check_output(FLAGS.output, "video", FLAGS.overwrite)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     if ext == ".gif":  # temp sibling, then rename; the comment marks it ours (a rerun may replace it)

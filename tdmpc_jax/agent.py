@@ -34,7 +34,8 @@ def _reward(cfg, params, z, a, task):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _pi(cfg, params, z, task):
-    mask = networks.action_masks(cfg)[task] if cfg.multitask else 1.0
+    # single-task: the scalar 1.0 (an all-ones mask) keeps a bf16 compute's dtype
+    mask = networks.task_action_mask(cfg, task) if cfg.multitask else 1.0
     mean, log_std = networks.pi_dist(cfg, params, z, networks.embed(cfg, params, task), mask)
     return jnp.tanh(mean), log_std
 
@@ -99,10 +100,10 @@ class Agent:
         return {"learnable": sum(groups.values()), "target": networks.count_params(self.target_qs), **groups}
 
     def save(self, directory, fmt: str = "fp32", keep_fp16=(), **extra_metadata):
-        """Orbax checkpoint in storage format `fmt` (fp32/fp16/bf16/int8/mixed; see tdmpc_jax.quantize)."""
+        """Orbax checkpoint in storage format `fmt` (a name in tdmpc_jax.quantize.FORMATS: fp32/fp16/bf16/int8/
+        mixed or a registered one). `keep_fp16`: the sensitive kernels (see quantize.Format.uses_sensitivity)."""
         meta = {k: v for k, v in self.metadata.items() if _jsonable(v) and k != "param_format"}
-        if fmt == "mixed":
-            meta["mixed_fp16_kernels"] = ["/".join(p) for p in keep_fp16]
+        meta.update(quantize.get_format(fmt).metadata(keep_fp16))
         return orbax_io.save_orbax(directory, quantize.convert(self.params, fmt, keep_fp16),
                                    quantize.convert(self.target_qs, fmt, [p[1:] for p in keep_fp16 if p[0] == "qs"]),
                                    self.config, {**meta, **extra_metadata}, param_format=fmt)
@@ -129,7 +130,8 @@ def load_checkpoint(path, compute: str = "fp32", **overrides) -> Agent:
         params, target, cfg, meta = orbax_io.load_orbax(path)
         if overrides:
             cfg = dataclasses.replace(cfg, **overrides)
-        return Agent(cfg, _np(quantize.for_compute(params, compute)), _np(quantize.dequantize(target)),
+        fmt = meta.get("param_format", "fp32")
+        return Agent(cfg, _np(quantize.for_compute(params, compute, fmt)), _np(quantize.dequantize(target, fmt)),
                      dict(meta, source=path, compute=compute))
     obj = read_torch_file(path)
     sd = obj.get("model", obj) if isinstance(obj, dict) else None

@@ -119,8 +119,9 @@ def _suggest(name, known):
 
 
 def _known_tasks(task_set):
-    from tdmpc_jax.config import MT30_TASKS, MT80_TASKS
-    return MT30_TASKS if task_set == "mt30" else MT80_TASKS
+    """The tasks of `task_set` if it is a registered set, else every registered task (tdmpc_jax.task_registry)."""
+    from tdmpc_jax.task_registry import TASK_SETS, task_names
+    return TASK_SETS[task_set].tasks if task_set in TASK_SETS else task_names()
 
 
 def check_tasks(value, *, sets=True, task_set=None, single=False):

@@ -1,89 +1,25 @@
-"""Frozen configuration dataclasses, the official model-size table and the MT30/MT80 task sets.
+"""Frozen configuration dataclasses and the official model-size table.
 
-Everything here is plain data: no module reads global flags; one config object flows through.
+Everything here is plain data: no module reads global flags; one config object flows through. Tasks and
+task sets (MT30/MT80 and any registered one: `TASK_SETS`, `get_task_set`, `TaskSet`) are defined in
+`tdmpc_jax.task_registry` (which says how to add one) and re-exported here.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Optional, Tuple
 
-# --- task sets (official order: the task id is the index) -------------------------------------
+from tdmpc_jax.task_registry import (DMC_EPISODE_LENGTH, MW_EPISODE_LENGTH, TASK_SETS,  # noqa: F401
+                                     TaskSet, get_task_set)
 
-MT30_TASKS: Tuple[str, ...] = (
-    "walker-stand", "walker-walk", "walker-run", "cheetah-run", "reacher-easy", "reacher-hard",
-    "acrobot-swingup", "pendulum-swingup", "cartpole-balance", "cartpole-balance-sparse",
-    "cartpole-swingup", "cartpole-swingup-sparse", "cup-catch", "finger-spin", "finger-turn-easy",
-    "finger-turn-hard", "fish-swim", "hopper-stand", "hopper-hop", "walker-walk-backwards",
-    "walker-run-backwards", "cheetah-run-backwards", "cheetah-run-front", "cheetah-run-back",
-    "cheetah-jump", "hopper-hop-backwards", "reacher-three-easy", "reacher-three-hard", "cup-spin",
-    "pendulum-spin",
-)
-MT30_OBS_DIMS: Tuple[int, ...] = (
-    24, 24, 24, 17, 6, 6, 6, 3, 5, 5, 5, 5, 8, 9, 12, 12, 24, 15, 15, 24,
-    24, 17, 17, 17, 17, 15, 8, 8, 8, 3,
-)
-MT30_ACTION_DIMS: Tuple[int, ...] = (
-    6, 6, 6, 6, 2, 2, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 5, 4, 4, 6,
-    6, 6, 6, 6, 6, 4, 3, 3, 2, 1,
-)
-_MW_NAMES = (
-    "assembly", "basketball", "button-press-topdown", "button-press-topdown-wall", "button-press",
-    "button-press-wall", "coffee-button", "coffee-pull", "coffee-push", "dial-turn", "disassemble",
-    "door-open", "door-close", "drawer-close", "drawer-open", "faucet-open", "faucet-close", "hammer",
-    "handle-press-side", "handle-press", "handle-pull-side", "handle-pull", "lever-pull",
-    "peg-insert-side", "peg-unplug-side", "pick-out-of-hole", "pick-place", "pick-place-wall",
-    "plate-slide", "plate-slide-side", "plate-slide-back", "plate-slide-back-side", "push-back", "push",
-    "push-wall", "reach", "reach-wall", "shelf-place", "soccer", "stick-push", "stick-pull",
-    "sweep-into", "sweep", "window-open", "window-close", "bin-picking", "box-close", "door-lock",
-    "door-unlock", "hand-insert",
-)
-MT80_TASKS: Tuple[str, ...] = MT30_TASKS + tuple("mw-" + n for n in _MW_NAMES)
-MT80_OBS_DIMS: Tuple[int, ...] = MT30_OBS_DIMS + (39,) * 50
-MT80_ACTION_DIMS: Tuple[int, ...] = MT30_ACTION_DIMS + (4,) * 50
+# --- task sets: defined in tdmpc_jax.task_registry (official order: the task id is the index) ---------
 
-DMC_EPISODE_LENGTH = 500
-MW_EPISODE_LENGTH = 100
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskSet:
-    """An ordered task set with the per-task dims the multi-task model and planner need."""
-
-    name: str
-    tasks: Tuple[str, ...]
-    obs_dims: Tuple[int, ...]
-    action_dims: Tuple[int, ...]
-    episode_lengths: Tuple[int, ...]
-
-    @property
-    def obs_dim(self) -> int:
-        return max(self.obs_dims)
-
-    @property
-    def action_dim(self) -> int:
-        return max(self.action_dims)
-
-    def index(self, task: str) -> int:
-        if task not in self.tasks:
-            raise ValueError(f"unknown task {task!r} for task set {self.name} "
-                             f"(known: {', '.join(self.tasks)})")
-        return self.tasks.index(task)
-
-
-def _episode_lengths(tasks):
-    return tuple(MW_EPISODE_LENGTH if t.startswith("mw-") else DMC_EPISODE_LENGTH for t in tasks)
-
-
-TASK_SETS = {
-    "mt30": TaskSet("mt30", MT30_TASKS, MT30_OBS_DIMS, MT30_ACTION_DIMS, _episode_lengths(MT30_TASKS)),
-    "mt80": TaskSet("mt80", MT80_TASKS, MT80_OBS_DIMS, MT80_ACTION_DIMS, _episode_lengths(MT80_TASKS)),
-}
-
-
-def get_task_set(name: str) -> TaskSet:
-    if name not in TASK_SETS:
-        raise ValueError(f"unknown task set {name!r} (known: {', '.join(TASK_SETS)})")
-    return TASK_SETS[name]
+MT30_TASKS: Tuple[str, ...] = TASK_SETS["mt30"].tasks
+MT30_OBS_DIMS: Tuple[int, ...] = TASK_SETS["mt30"].obs_dims
+MT30_ACTION_DIMS: Tuple[int, ...] = TASK_SETS["mt30"].action_dims
+MT80_TASKS: Tuple[str, ...] = TASK_SETS["mt80"].tasks
+MT80_OBS_DIMS: Tuple[int, ...] = TASK_SETS["mt80"].obs_dims
+MT80_ACTION_DIMS: Tuple[int, ...] = TASK_SETS["mt80"].action_dims
 
 
 # --- model sizes -------------------------------------------------------------------------------

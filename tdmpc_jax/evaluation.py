@@ -7,7 +7,6 @@ the normalized score is the unweighted mean over tasks.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -15,10 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tdmpc_jax import planner
+from tdmpc_jax import planner, rollout
 from tdmpc_jax.agent import Agent
 from tdmpc_jax.envs import BatchedEnv, make
 from tdmpc_jax.planner import PlannerConfig
+from tdmpc_jax.progress import Progress
 
 
 def resolve_tasks(agent: Agent, tasks: str | Sequence[str]) -> List[str]:
@@ -59,57 +59,31 @@ def run_episodes(agent: Agent, slots: Sequence[tuple], pcfg: PlannerConfig, seed
     """Play every slot (task, env_seed, episode_index) to the end in lock-step. -> (returns, actions).
 
     on_step(t, obs, actions, rewards, next_obs, dones), if given, sees every lock-step transition.
-    actor(obs (n, O), task ids (n,), t0 (n,) bool) -> actions (n, A), if given, acts instead of the JAX
-    planner (e.g. an exported agent, `tdmpc_jax_runtime.OnnxAgent.act_batch`); it keeps its own state.
+    actor, if given, acts instead of the JAX planner (a `rollout` actor, e.g. an exported agent's
+    `rollout.host_actor(tdmpc_jax_runtime.OnnxAgent(...).act_batch)`).
     """
     cfg = agent.config
+    if actor is None:
+        actor = rollout.make_actor(cfg, pcfg, eval_mode)
     params = jax.tree_util.tree_map(jnp.asarray, agent.params)
     task_ids = jnp.asarray([cfg.task_index(t) if cfg.multitask else 0 for t, _, _ in slots], jnp.int32)
     n = len(slots)
-    env = BatchedEnv.for_episodes(slots, num_workers=num_workers, obs_dim=cfg.obs_dim, action_dim=cfg.action_dim)
-    try:
-        obs = env.reset()
-        state = planner.init_state(cfg, pcfg, n)
-        returns = np.zeros(n, np.float64)
-        length = max(make(t, 0).episode_length for t in {s[0] for s in slots})
-        key = jax.random.PRNGKey(seed)
-        actions_log = [] if record_actions else None
-        t_start = last_print = time.perf_counter()
-        for t in range(length):
-            t0 = jnp.full((n,), t == 0)
-            if actor is not None:
-                act = actor(np.asarray(obs, np.float32), np.asarray(task_ids), np.asarray(t0))
-            else:
-                act, state = planner.act_batch(cfg, pcfg, params, jnp.asarray(obs), task_ids, state, t0,
-                                               jax.random.fold_in(key, t), eval_mode)
-            act = np.asarray(act)
-            if not np.all(np.isfinite(act)):
-                raise FloatingPointError(f"planner produced non-finite actions at step {t}")
-            if record_actions:
-                actions_log.append(act)
-            next_obs, rew, done = env.step(act)
-            if on_step is not None:
-                on_step(t, obs, act, rew, next_obs, done)
-            obs = next_obs
-            returns += rew
-            now = time.perf_counter()
-            if progress and (now - last_print > 2.0 or t + 1 == length):
-                last_print = now
-                _progress(t + 1, length, n, now - t_start)
-            if done.all():
-                break
-        if progress:
-            print(file=sys.stderr)
-    finally:
-        env.close()
+    length = max(make(t, 0).episode_length for t in {s[0] for s in slots})
+    actions_log = [] if record_actions else None
+    bar = Progress(length, "steps", desc=f"{n} envs  ", enabled=progress)  # lock-step steps of all n envs
+
+    def hook(t, obs, act, rew, next_obs, done):
+        if record_actions:
+            actions_log.append(act)
+        if on_step is not None:
+            on_step(t, obs, act, rew, next_obs, done)
+        bar.update()
+
+    with bar, BatchedEnv.for_episodes(slots, num_workers=num_workers, obs_dim=cfg.obs_dim,
+                                 action_dim=cfg.action_dim) as env:
+        returns = rollout.rollout(env, actor, params, task_ids, length, rollout.fold_in_keys(seed),
+                                  state=planner.init_state(cfg, pcfg, n), on_step=hook)
     return returns, (np.stack(actions_log, 1) if record_actions else None)
-
-
-def _progress(step, total, n, elapsed):
-    rate = step / max(elapsed, 1e-9)
-    eta = (total - step) / rate
-    print(f"\r  step {step}/{total}  {rate * n:8.1f} env steps/s  {1e3 / rate:8.1f} ms/step  "
-          f"elapsed {elapsed:6.0f}s  ETA {eta:6.0f}s", end="", file=sys.stderr, flush=True)
 
 
 def bootstrap_ci(per_task_returns: Dict[str, np.ndarray], n_boot: int = 2000, seed: int = 0, level=0.95):
@@ -138,8 +112,8 @@ def summarize(per_task_returns: Dict[str, np.ndarray]) -> dict:
 
 def evaluate(agent: Agent, tasks, episodes: int = 10, seed: int = 1, pcfg: Optional[PlannerConfig] = None,
              eval_mode: bool = True, num_workers: int = 0, progress: bool = True, actor=None) -> dict:
-    """Evaluate `episodes` episodes of each task, all batched; returns the results dict (`actor`: see
-    `run_episodes`)."""
+    """Evaluate `episodes` episodes of each task, all batched; returns the results dict (`actor`: a
+    `tdmpc_jax.rollout` actor instead of the JAX planner, see `run_episodes`)."""
     pcfg = pcfg or PlannerConfig()
     if episodes < 1:
         raise ValueError("episodes must be >= 1")

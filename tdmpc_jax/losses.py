@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from tdmpc_jax import math as tmath
+from tdmpc_jax import scalar_math as tmath
 from tdmpc_jax import networks
 from tdmpc_jax.config import ModelConfig, TrainConfig
 
@@ -57,13 +57,9 @@ def make_losses(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[Model
     first layer's input as the official code does (the reference the tests compare against)."""
     H, nb, lo, hi = tcfg.horizon, cfg.num_bins, cfg.vmin, cfg.vmax
     rho = jnp.asarray([tcfg.rho ** t for t in range(H + 1)], jnp.float32)
-    masks = networks.action_masks(cfg)
     gammas = networks.discounts(cfg)
     if tcfg.uses_teacher and teacher_cfg is None:
         raise ValueError("distillation coefficients > 0 need a teacher config")
-
-    def task_mask(task):
-        return masks[task] if cfg.multitask else jnp.ones((task.shape[0], cfg.action_dim))
 
     def conditioned(params, task, target_qs=None):
         """-> (cfg, params, target_qs, emb) for the student's forwards: the task-folded single-task
@@ -79,7 +75,7 @@ def make_losses(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[Model
 
     def world_model(params, target_qs, batch: Batch, key, teacher_params=None):
         k_pi, k_qsel, k_drop = jax.random.split(key, 3)
-        mask = task_mask(batch.task)
+        mask = networks.task_action_mask(cfg, batch.task)
         gamma = gammas[batch.task] if cfg.multitask else gammas[0]
         mcfg, mp, target_qs, emb = conditioned(params, batch.task, target_qs)
         # targets (no gradient; eval mode)
@@ -201,7 +197,8 @@ def make_losses(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[Model
         T1 = zs.shape[0]
         mcfg, p, _, emb = conditioned(p, task)
         emb = seq(emb, T1)
-        mask = jnp.broadcast_to(task_mask(task), (T1,) + task_mask(task).shape)
+        mask = networks.task_action_mask(cfg, task)
+        mask = jnp.broadcast_to(mask, (T1,) + mask.shape)
         mean, log_std = networks.pi_dist(mcfg, p, zs, emb, mask)
         eps = jax.random.normal(k_pi, mean.shape) * mask
         action = jnp.tanh(mean + eps * jnp.exp(log_std))

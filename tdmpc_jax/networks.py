@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tdmpc_jax import math as tmath
-from tdmpc_jax import threefry
+from tdmpc_jax import scalar_math as tmath
+from tdmpc_jax import task_registry, threefry
 from tdmpc_jax.config import ModelConfig
 
 # --- primitives ----------------------------------------------------------------------------------
@@ -229,11 +229,18 @@ def count_params(tree) -> int:
 
 
 def action_masks(cfg: ModelConfig):
-    """(num_tasks, A) float 0/1 matrix, ones in each task's first action_dims columns."""
+    """(num_tasks or 1, A) float 0/1 matrix, ones in each task's first action_dims columns (all ones
+    single-task): `task_registry.action_masks`, the one place masks are built, as a constant."""
+    return jnp.asarray(task_registry.action_masks(cfg.action_dims if cfg.multitask else (cfg.action_dim,),
+                                                  cfg.action_dim))
+
+
+def task_action_mask(cfg: ModelConfig, task):
+    """The mask rows of task ids `task` (any shape; ignored single-task): task.shape + (A,)."""
+    masks = action_masks(cfg)
     if not cfg.multitask:
-        return jnp.ones((1, cfg.action_dim), jnp.float32)
-    dims = jnp.asarray(cfg.action_dims)[:, None]
-    return (jnp.arange(cfg.action_dim)[None, :] < dims).astype(jnp.float32)
+        return jnp.broadcast_to(masks[0], jnp.shape(task) + masks.shape[1:])
+    return masks[task]
 
 
 def discounts(cfg: ModelConfig):

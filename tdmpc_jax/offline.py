@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -19,12 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tdmpc_jax import atomic, train
+from tdmpc_jax import atomic, runs, train
 from tdmpc_jax.agent import Agent
 from tdmpc_jax.checkpoints.errors import CheckpointError
 from tdmpc_jax.config import ModelConfig, TrainConfig
 from tdmpc_jax.data.dataset import Dataset
 from tdmpc_jax.losses import Batch
+from tdmpc_jax.progress import Progress
+# the run directory (checkpoint I/O, metrics log) lives in tdmpc_jax.runs; these names stay importable from here
+from tdmpc_jax.runs import as_agent, load_state, read_log, read_state, save_state, write_state  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,67 +49,13 @@ def check_teacher(student: ModelConfig, teacher: ModelConfig):
                          f"student's {(student.obs_dim, student.action_dim)}")
 
 
-def _ckpt_dir(out_dir):
-    return os.path.join(os.path.abspath(out_dir), "train_state")
-
-
-def write_state(path, state: train.TrainState, cfg: ModelConfig, tcfg: TrainConfig, extra=None):
-    """Write the train state (any TrainState fields) as an Orbax checkpoint at the new path `path`."""
-    import orbax.checkpoint as ocp
-    from tdmpc_jax.checkpoints.orbax_io import CHECKSUM_KEY, _checkpointer, array_checksums
-    _, ck = _checkpointer()
-    tree = jax.tree_util.tree_map(np.asarray, state._asdict())
-    meta = {"format": "tdmpc_jax-train-state", "step": int(state.step), "config": cfg.to_dict(),
-            "train_config": dataclasses.asdict(tcfg), **(extra or {}), CHECKSUM_KEY: array_checksums(tree)}
-    ck.save(path, ocp.args.Composite(
-        state=ocp.args.PyTreeSave(tree),
-        metadata=ocp.args.JsonSave(meta)))
-
-
-def read_state(path, like: train.TrainState):
-    """-> (state, meta) from `write_state`'s checkpoint at `path`; CheckpointError when corrupt."""
-    import orbax.checkpoint as ocp
-    from tdmpc_jax.checkpoints.orbax_io import _checkpointer
-    _, ck = _checkpointer()
-    try:
-        item = jax.tree_util.tree_map(np.asarray, like._asdict())
-        r = ck.restore(path, ocp.args.Composite(state=ocp.args.PyTreeRestore(item=item),
-                                                metadata=ocp.args.JsonRestore()))
-        restored = r["state"]
-        flat = jax.tree_util.tree_leaves(restored)
-        leaves = jax.tree_util.tree_leaves(item)
-        if len(flat) != len(leaves) or any(np.shape(a) != np.shape(b) for a, b in zip(flat, leaves)):
-            raise ValueError("state does not match the model/optimizer structure")
-        state = train.TrainState(**jax.tree_util.tree_map(jnp.asarray, restored))
-    except Exception as e:
-        raise CheckpointError(path, f"cannot resume: {type(e).__name__}: {str(e)[:200]}") from None
-    from tdmpc_jax.checkpoints.orbax_io import CHECKSUM_KEY, verify_checksums
-    meta = r["metadata"] if isinstance(r["metadata"], dict) else {}
-    verify_checksums(path, restored, meta.get(CHECKSUM_KEY))  # states saved without checksums: unverified
-    return state, r["metadata"]
-
-
-def save_state(out_dir, state: train.TrainState, cfg: ModelConfig, tcfg: TrainConfig, extra=None):
-    """Replace out_dir/train_state atomically (recoverable from a kill at any point, see tdmpc_jax.atomic)."""
-    atomic.replace_dir(_ckpt_dir(out_dir), lambda path: write_state(path, state, cfg, tcfg, extra))
-
-
-def load_state(out_dir, like: train.TrainState):
-    """-> (state, meta) or None when there is no checkpoint; errors on a corrupt one."""
-    target = _ckpt_dir(out_dir)
-    if not atomic.recover_dir(target):  # finishes or rolls back a save that was killed
-        return None
-    return read_state(target, like)
-
-
 def train_offline(cfg: ModelConfig, tcfg: TrainConfig, dataset: Dataset, out_dir: str, run: RunConfig,
                   teacher: Optional[Agent] = None, init: Optional[Agent] = None):
-    """Train (and resume) a student; writes out_dir/{train_state, agent, metrics.csv, metrics.jsonl, curve.png}.
+    """Train (and resume) a student; writes out_dir/{train_state, agent, metrics.csv, metrics.jsonl, curve.png}
+    (and TensorBoard events when a writer is installed, see tdmpc_jax.runs).
 
     One run per out_dir at a time (atomic.RunLock); a second one fails with the holder's pid."""
-    os.makedirs(out_dir, exist_ok=True)
-    with atomic.RunLock(out_dir):
-        atomic.remove_stale(out_dir, ["train_state", "metrics.jsonl", "metrics.csv"], legacy=[".tmp-state-"])
+    with runs.locked(out_dir, [runs.TRAIN_STATE, runs.METRICS, "metrics.csv"], legacy=[".tmp-state-"]):
         return _train_offline(cfg, tcfg, dataset, out_dir, run, teacher, init)
 
 
@@ -130,84 +78,47 @@ def _train_offline(cfg, tcfg, dataset, out_dir, run, teacher, init):
     if resumed is not None:
         state, meta = resumed
         if ModelConfig.from_dict(meta.get("config", {})) != cfg:
-            raise CheckpointError(_ckpt_dir(out_dir), "was written for another student architecture")
+            raise CheckpointError(runs.state_dir(out_dir), "was written for another student architecture")
         start = int(meta["step"])
         print(f"resuming from step {start}", file=sys.stderr)
     step_fn = train.make_train_step(cfg, tcfg, t_cfg)
     base_key = jax.random.PRNGKey(run.seed)
-    log_path = os.path.join(out_dir, "metrics.jsonl")
-    _truncate_log(log_path, start)
-    history, t0, last_good = [], time.perf_counter(), start
-    for k in range(start, run.steps):
-        rng = np.random.default_rng([run.seed, k])
-        batch = Batch(*dataset.sample(rng, tcfg.batch_size, tcfg.horizon))
-        state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, k), t_params)
-        done = k + 1
-        if done % run.log_every == 0 or done == run.steps:
-            m = {key: float(v) for key, v in metrics.items()}
-            if not all(np.isfinite(v) for v in m.values()):
-                raise FloatingPointError(f"non-finite loss at step {done}; the last good checkpoint "
-                                         f"(step {last_good}) in {out_dir} is intact")
-            m["step"] = done
-            m["elapsed_s"] = time.perf_counter() - t0
-            with open(log_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
-            history.append(m)
-            if run.progress:
-                rate = (done - start) / max(m["elapsed_s"], 1e-9)
-                print(f"\r  step {done}/{run.steps}  {rate:6.1f} updates/s  ETA {(run.steps - done) / rate:6.0f}s  "
-                      f"loss {m['total_loss']:.4f}", end="", file=sys.stderr, flush=True)
-        if run.eval_every and done % run.eval_every == 0 and run.eval_tasks:
-            from tdmpc_jax.evaluation import evaluate
-            from tdmpc_jax.planner import PlannerConfig
-            res = evaluate(as_agent(cfg, state), run.eval_tasks, run.eval_episodes, run.seed,
-                           PlannerConfig(mpc=False), progress=False)
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": done, "eval_normalized_score": res["normalized_score"]}) + "\n")
-        if done % run.checkpoint_every == 0 or done == run.steps:
-            save_state(out_dir, state, cfg, tcfg)
-            last_good = done
-    if run.progress:
-        print(file=sys.stderr)
+    with runs.MetricsLog(out_dir, start) as log, \
+            Progress(run.steps, "updates", initial=start, enabled=run.progress) as bar:
+        t0, last_good = time.perf_counter(), start
+        for k in range(start, run.steps):
+            rng = np.random.default_rng([run.seed, k])
+            batch = Batch(*dataset.sample(rng, tcfg.batch_size, tcfg.horizon))
+            state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, k), t_params)
+            done = k + 1
+            if done % run.log_every == 0 or done == run.steps:
+                m = {key: float(v) for key, v in metrics.items()}
+                if not all(np.isfinite(v) for v in m.values()):
+                    raise FloatingPointError(f"non-finite loss at step {done}; the last good checkpoint "
+                                             f"(step {last_good}) in {out_dir} is intact")
+                m["step"] = done
+                m["elapsed_s"] = time.perf_counter() - t0
+                log.append(m)
+                bar.set_postfix(loss=f"{m['total_loss']:.4f}")
+            bar.update()
+            if run.eval_every and done % run.eval_every == 0 and run.eval_tasks:
+                from tdmpc_jax.evaluation import evaluate
+                from tdmpc_jax.planner import PlannerConfig
+                res = evaluate(as_agent(cfg, state), run.eval_tasks, run.eval_episodes, run.seed,
+                               PlannerConfig(mpc=False), progress=False)
+                log.append({"step": done, "eval_normalized_score": res["normalized_score"]})
+            if done % run.checkpoint_every == 0 or done == run.steps:
+                save_state(out_dir, state, cfg, tcfg)
+                last_good = done
     agent = as_agent(cfg, state)
     agent.save(os.path.join(out_dir, "agent"), trained_steps=int(state.step))
     write_curves(out_dir)
     return agent, state
 
 
-def as_agent(cfg, state) -> Agent:
-    return Agent(cfg, jax.tree_util.tree_map(np.asarray, state.params),
-                 jax.tree_util.tree_map(np.asarray, state.target_qs), {"trained_steps": int(state.step)})
-
-
-def read_log(path):
-    """Rows of a metrics.jsonl; a torn last line (a kill during its append) is dropped."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        lines = [l for l in f.read().split("\n") if l.strip()]
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:
-                break  # torn by a kill while appending: the step it logged is redone on resume
-            raise ValueError(f"{path}: corrupt line {i + 1}: {e}") from None
-    return rows
-
-
-def _truncate_log(path, step, key="step"):
-    """Drop log rows past `step` (a run killed before checkpointing them) and a torn last line; atomic."""
-    if not os.path.exists(path):
-        return
-    keep = [r for r in read_log(path) if r.get(key, 0) <= step]
-    atomic.write_file(path, "".join(json.dumps(r) + "\n" for r in keep))
-
-
 def write_curves(out_dir):
     """metrics.csv and curve.png from metrics.jsonl."""
-    rows = read_log(os.path.join(out_dir, "metrics.jsonl"))
+    rows = read_log(os.path.join(out_dir, runs.METRICS))
     train_rows = [r for r in rows if "total_loss" in r]
     if not train_rows:
         return

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from tdmpc_jax import math as tmath
+from tdmpc_jax import scalar_math as tmath
 from tdmpc_jax import networks
 from tdmpc_jax.config import ModelConfig
 
@@ -72,10 +72,6 @@ class PlanState(NamedTuple):
 def init_state(cfg: ModelConfig, pcfg: PlannerConfig, batch: int | None = None) -> PlanState:
     shape = (pcfg.horizon, cfg.action_dim) if batch is None else (batch, pcfg.horizon, cfg.action_dim)
     return PlanState(jnp.zeros(shape, jnp.float32))
-
-
-def _mask(cfg, task):
-    return networks.action_masks(cfg)[task] if cfg.multitask else jnp.ones((cfg.action_dim,), jnp.float32)
 
 
 # --- the lean path: fused first layers of heads that share an input ------------------------------
@@ -231,7 +227,7 @@ def plan_with_noise(cfg: ModelConfig, pcfg: PlannerConfig, params, obs, task, pr
         def rollout_pi(z, eps):
             a = _pi_from_eps(cfg1, pp, z, None, mask, eps)
             return a, (lambda a_: networks.next_latent(cfg1, pp, z, a_, None))
-    mask = _mask(cfg, task)
+    mask = networks.task_action_mask(cfg, task)
     gamma = networks.discounts(cfg)[task] if cfg.multitask else networks.discounts(cfg)[0]
     H, A, N, P = pcfg.horizon, cfg.action_dim, pcfg.num_samples, pcfg.num_pi_trajs
 
@@ -302,7 +298,7 @@ def estimate_value(cfg, params, z, actions, mask, gamma, key=None, emb=None, *, 
 def policy_act(cfg: ModelConfig, params, obs, task, key, eval_mode: bool = True):
     """mpc=false: the policy prior's tanh(mean) in eval mode, a sample otherwise. obs (O,)."""
     cfg1, p1 = networks.condition_on_task(cfg, params, task)
-    mask = _mask(cfg, task)
+    mask = networks.task_action_mask(cfg, task)
     z = networks.encode(cfg1, p1, obs[None], None)
     a, _, mean = networks.pi_sample(cfg1, p1, z, None, mask, key)
     return (mean if eval_mode else a)[0]

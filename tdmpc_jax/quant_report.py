@@ -1,7 +1,8 @@
 """What each storage format costs and buys: output errors vs fp32, size, latency, (optional) score.
 
 Used by experiments/quantize.py. Errors are measured on real observations collected by running the
-fp32 agent's policy prior in the environments.
+fp32 agent's policy prior in the environments. Nothing here is per format: sizes and whether the
+per-kernel sensitivity must be measured come from the format registry (`quantize.FORMATS`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tdmpc_jax import networks, planner, quantize
+from tdmpc_jax import networks, planner, quantize, rollout
 from tdmpc_jax.agent import Agent
 from tdmpc_jax.envs import BatchedEnv
 
@@ -26,19 +27,17 @@ def collect_observations(agent: Agent, tasks: Sequence[str], steps: int = 50, se
     params = jax.tree_util.tree_map(jnp.asarray, agent.params)
     ids = jnp.asarray([cfg.task_index(t) for t in tasks], jnp.int32)
     pcfg = planner.PlannerConfig(mpc=False)
-    state = planner.init_state(cfg, pcfg, len(tasks))
     obs_l, task_l, act_l = [], [], []
+
+    def on_step(t, obs, act, rew, next_obs, done):
+        if t % 5 == 0:
+            obs_l.append(obs)
+            task_l.append(np.asarray(ids))
+            act_l.append(act)
+
     with BatchedEnv.for_episodes([(t, seed, 0) for t in tasks], obs_dim=cfg.obs_dim, action_dim=cfg.action_dim) as env:
-        obs = env.reset()
-        for t in range(steps):
-            act, state = planner.act_batch(cfg, pcfg, params, jnp.asarray(obs), ids, state,
-                                           jnp.full((len(tasks),), t == 0), jax.random.PRNGKey(t), False)
-            act = np.asarray(act)
-            if t % 5 == 0:
-                obs_l.append(obs)
-                task_l.append(np.asarray(ids))
-                act_l.append(act)
-            obs, _, _ = env.step(act)
+        rollout.rollout(env, rollout.make_actor(cfg, pcfg, eval_mode=False), params, ids, steps, jax.random.PRNGKey,
+                        state=planner.init_state(cfg, pcfg, len(tasks)), on_step=on_step, until_done=False)
     return np.concatenate(obs_l), np.concatenate(task_l), np.concatenate(act_l)
 
 
@@ -47,7 +46,7 @@ def model_outputs(cfg, params, obs, task, action):
     @jax.jit
     def f(params, obs, task, action):
         emb = networks.embed(cfg, params, task)
-        mask = networks.action_masks(cfg)[task]
+        mask = networks.task_action_mask(cfg, task)
         z = networks.encode(cfg, params, obs, emb)
         mean, _ = networks.pi_dist(cfg, params, z, emb, mask)
         return {"latent": z, "next_latent": networks.next_latent(cfg, params, z, action, emb),
@@ -73,6 +72,19 @@ def choose_mixed(agent: Agent, obs, task, action, share: float = 0.5):
     ref = model_outputs(cfg, params, obs, task, action)
     sens = quantize.sensitivity(params, lambda p: scalar_error(ref, model_outputs(cfg, p, obs, task, action)))
     return quantize.choose_fp16_kernels(sens, share), sens
+
+
+def needs_sensitivity(formats: Sequence[str]) -> bool:
+    """Whether any of `formats` uses the measured per-kernel sensitivity (see `choose_mixed`)."""
+    return any(quantize.get_format(f).uses_sensitivity for f in formats)
+
+
+def storage_size(params, fmt: str, sensitive=()) -> dict:
+    """{'param_bytes': bytes of the params stored in `fmt`, 'bytes_per_param': the format's nominal
+    bytes per kernel weight}."""
+    f = quantize.get_format(fmt)
+    return {"param_bytes": quantize.nbytes(quantize.convert(params, fmt, sensitive)),
+            "bytes_per_param": f.bytes_per_param}
 
 
 def dir_bytes(path) -> int:

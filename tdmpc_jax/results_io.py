@@ -68,7 +68,7 @@ OUTPUT_KINDS = {
     "dataset": ("a tdmpc_jax dataset", lambda d: _format(os.path.join(d, "meta.json")) == "tdmpc_jax-dataset", True),
     "distill-run": ("a distill.py run directory",
                     _run_dir("distill-run", lambda d: _has(d, "train_state") and not _has(d, "counters.json")), False),
-    "train-run": ("a train.py run directory", _run_dir("train-run", lambda d: _has(d, "counters.json")), False),
+    "train-run": ("a train_online.py run directory", _run_dir("train-run", lambda d: _has(d, "counters.json")), False),
     "eval": ("an evaluate.py output directory", _run_dir("eval", lambda d: _has(d, "results.json")), False),
     "quantize": ("a quantize.py output directory", _run_dir("quantize", lambda d: _has(d, "report.json")), False),
     "study": ("a study.py directory", _run_dir("study", lambda d: _has(d, "runs") and _has(d, "data")), False),

@@ -239,22 +239,22 @@ CASES = [
     ("render", ["--task=bogus", "--output=sub.gif"], "unknown task 'bogus'"),
     ("render", ["--task=cup-spin,cup-catch", "--output=sub.gif"], "give one task"),
     ("render", ["--task=cup-spin", "--output=sub.gif", "--checkpoint=/nonexistent"], "no such file"),
-    # train.py
-    ("train", ["--tasks=cartpole-balance", "--output={new}", "--utd=-1"], "--utd=-1.0: must be > 0"),
-    ("train", ["--tasks=cartpole-balance", "--output={new}", "--utd=0"], "must be > 0"),
-    ("train", ["--tasks=cartpole-balance", "--output={new}", "--utd=nan"], "--utd=nan: must be a finite"),
-    ("train", ["--tasks=cartpole-balance", "--output={new}", "--episodes=0"], "--episodes=0"),
-    ("train", ["--tasks=cartpole-balance", "--output={new}", "--episodes=-1"], "--episodes=-1"),
-    ("train", ["--tasks=cartpole-balance", "--output={new}", "--seed_steps=-1"], "--seed_steps=-1: must be >= 0"),
-    ("train", ["--tasks=cartpole-balance", "--output={new}", "--eval_every=-1"], "--eval_every=-1"),
-    ("train", ["--tasks=cartpole-balance", "--output={new}", "--eval_episodes=0"], "--eval_episodes=0"),
-    ("train", ["--tasks=cartpole-balance", "--output={new}", "--batch_size=0"], "--batch_size=0"),
-    ("train", ["--tasks=cartpole-balance", "--output={new}", "--size=7"], "not an official size"),
-    ("train", ["--tasks=,", "--output={new}"], "--tasks=,: no task given"),
-    ("train", ["--tasks=mt30", "--output={new}"], "unknown task 'mt30'"),
-    ("train", ["--tasks=mw-reach", "--output={new}"], "not in mt30"),
-    ("train", ["--tasks=cartpole-balance", "--output=."], "not a train.py run directory; pass --overwrite"),
-    ("train", ["--tasks=cartpole-balance", "--output={ds}"], "is a tdmpc_jax dataset"),
+    # train_online.py
+    ("train_online", ["--tasks=cartpole-balance", "--output={new}", "--utd=-1"], "--utd=-1.0: must be > 0"),
+    ("train_online", ["--tasks=cartpole-balance", "--output={new}", "--utd=0"], "must be > 0"),
+    ("train_online", ["--tasks=cartpole-balance", "--output={new}", "--utd=nan"], "--utd=nan: must be a finite"),
+    ("train_online", ["--tasks=cartpole-balance", "--output={new}", "--episodes=0"], "--episodes=0"),
+    ("train_online", ["--tasks=cartpole-balance", "--output={new}", "--episodes=-1"], "--episodes=-1"),
+    ("train_online", ["--tasks=cartpole-balance", "--output={new}", "--seed_steps=-1"], "--seed_steps=-1: must be >= 0"),
+    ("train_online", ["--tasks=cartpole-balance", "--output={new}", "--eval_every=-1"], "--eval_every=-1"),
+    ("train_online", ["--tasks=cartpole-balance", "--output={new}", "--eval_episodes=0"], "--eval_episodes=0"),
+    ("train_online", ["--tasks=cartpole-balance", "--output={new}", "--batch_size=0"], "--batch_size=0"),
+    ("train_online", ["--tasks=cartpole-balance", "--output={new}", "--size=7"], "not an official size"),
+    ("train_online", ["--tasks=,", "--output={new}"], "--tasks=,: no task given"),
+    ("train_online", ["--tasks=mt30", "--output={new}"], "unknown task 'mt30'"),
+    ("train_online", ["--tasks=mw-reach", "--output={new}"], "not in mt30"),
+    ("train_online", ["--tasks=cartpole-balance", "--output=."], "not a train_online.py run directory; pass --overwrite"),
+    ("train_online", ["--tasks=cartpole-balance", "--output={ds}"], "is a tdmpc_jax dataset"),
 ]
 
 
@@ -322,7 +322,7 @@ def test_output_rule(tmp_path, monkeypatch):
     assert json.load(open(os.path.join(run, MARKER)))["kind"] == "distill-run"
     (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
     check_output(run, "distill-run")
-    with pytest.raises(OutputError, match="distill.py run directory, not a train.py"):
+    with pytest.raises(OutputError, match="distill.py run directory, not a train_online.py"):
         check_output(run, "train-run")
 
 

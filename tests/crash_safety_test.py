@@ -287,7 +287,7 @@ def test_a_second_run_into_the_same_output_refuses_with_the_holders_pid(dataset,
 
 def test_two_cli_runs_into_one_output_the_second_refuses_in_one_line(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, os.path.join(REPO, "experiments", "train.py"), "--tasks=pendulum-spin", f"--output={out}",
+    cmd = [sys.executable, os.path.join(REPO, "experiments", "train_online.py"), "--tasks=pendulum-spin", f"--output={out}",
            "--size=32,32,16", "--batch_size=32", "--eval_every=0"]
     first = subprocess.Popen(cmd + ["--episodes=1000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

@@ -120,6 +120,31 @@ def test_batch_equals_single_and_policy_prior(model, released_agent):
         np.testing.assert_allclose(acts[i], mean[0], atol=1e-5)
 
 
+def test_chunking_never_changes_the_actions(model):
+    """act_batch's chunk is a speed setting only: 1, 2, 5 (every problem) and the backend default agree."""
+    cfg, params = model
+    obs = jax.random.normal(jax.random.PRNGKey(4), (5, 24))
+    tasks = jnp.array([0, 3, 12, 20, 29], jnp.int32)
+    t0 = jnp.array([True, False, True, False, True])
+    base = planner.PlannerConfig(iterations=2, num_samples=32, num_elites=8, num_pi_trajs=4)
+    st = planner.init_state(cfg, base, 5)
+    runs = {c: planner.act_batch(cfg, dataclasses.replace(base, chunk=c), params, obs, tasks, st, t0,
+                                 jax.random.PRNGKey(9)) for c in (0, 1, 2, 5)}
+    for c in (1, 2, 5):  # float32 noise only (XLA blocks the matmuls differently per batch size): 2e-5 seen
+        np.testing.assert_allclose(runs[c][0], runs[0][0], atol=1e-4)
+        np.testing.assert_allclose(runs[c][1].prev_mean, runs[0][1].prev_mean, atol=1e-4)
+
+
+def test_chunk_default_per_backend():
+    pc = planner.PlannerConfig()
+    assert pc.chunk == 0
+    assert pc.chunk_for(300, "cpu") == planner.CPU_CHUNK == 4 and pc.chunk_for(3, "cpu") == 3
+    assert pc.chunk_for(300, "gpu") == 300 and pc.chunk_for(300, "tpu") == 300
+    assert planner.PlannerConfig(chunk=16).chunk_for(300, "gpu") == 16
+    with pytest.raises(ValueError, match="chunk"):
+        planner.PlannerConfig(chunk=-1)
+
+
 def test_random_pair_of_q_members_and_iteration_rule():
     cfg = make_model_config(1, None, obs_dim=5, action_dim=21, num_q=5, mlp_dim=32, enc_dim=32, latent_dim=16)
     params, _ = networks.init_params(cfg, jax.random.PRNGKey(0))

@@ -1,4 +1,9 @@
-"""Orbax checkpoints of our own: params + target Qs + config metadata, loadable with nothing else."""
+"""Orbax checkpoints of our own: params + target Qs + config metadata, loadable with nothing else.
+
+Params may be stored in any format registered in `tdmpc_jax.quantize.FORMATS`: metadata 'param_format'
+names it, and loading checks and decodes the stored trees with that format (nothing here is per format;
+a new format is added in quantize only).
+"""
 from __future__ import annotations
 
 import hashlib
@@ -29,8 +34,10 @@ def _checkpointer():
 def save_orbax(directory, params, target_qs, cfg: ModelConfig, extra_metadata=None, param_format="fp32"):
     """Write atomically: into a temp sibling, then rename. An existing directory is replaced.
 
-    params/target_qs may be storage trees of `tdmpc_jax.quantize` (param_format fp16/bf16/int8/mixed).
+    params/target_qs may be storage trees of `tdmpc_jax.quantize` (param_format: a name in quantize.FORMATS).
     """
+    from tdmpc_jax import quantize
+    quantize.get_format(param_format)  # ValueError for an unknown format, before anything is written
     directory = os.path.abspath(os.fspath(directory))
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
@@ -76,7 +83,8 @@ def read_metadata(directory) -> dict:
 def load_orbax(directory):
     """-> (storage params, storage target_qs, cfg, metadata), checked against the config's shapes.
 
-    The trees are as saved (see metadata['param_format']); `quantize.dequantize` gives fp32.
+    The trees are as saved (see metadata['param_format']); `quantize.dequantize(tree, param_format)` gives
+    fp32. A param_format that is not registered in quantize.FORMATS is a CheckpointError.
     """
     from tdmpc_jax import networks, quantize
     directory = os.path.abspath(os.fspath(directory))
@@ -94,11 +102,17 @@ def load_orbax(directory):
     got = (state.get("params"), state.get("target_qs")) if isinstance(state, dict) else (None, None)
     if got[0] is None or got[1] is None:
         raise CheckpointError(directory, "state lacks params or target_qs")
+    fmt = meta.get("param_format", "fp32")
     try:
-        quantize.validate_storage({"params": got[0], "target_qs": got[1]}, "state")
-        deq = tuple(jax.eval_shape(quantize.dequantize, t) for t in got)
+        quantize.get_format(fmt)
+    except ValueError as e:
+        raise CheckpointError(directory, f"param_format: {e}; register the format (tdmpc_jax.quantize."
+                                         f"register_format) before loading its checkpoints") from None
+    try:
+        quantize.validate_storage({"params": got[0], "target_qs": got[1]}, "state", fmt)
+        deq = tuple(jax.eval_shape(lambda t: quantize.dequantize(t, fmt), t) for t in got)
     except (ValueError, TypeError, AttributeError, KeyError) as e:
-        raise CheckpointError(directory, f"corrupt {meta.get('param_format', 'fp32')} parameters: {e}") from None
+        raise CheckpointError(directory, f"corrupt {fmt} parameters: {e}") from None
     check_tree(directory, deq, want)
     verify_checksums(directory, state, meta.get(CHECKSUM_KEY))
     return got[0], got[1], cfg, {k: v for k, v in meta.items() if k != CHECKSUM_KEY}

@@ -2,7 +2,12 @@
 
 Matches the official wrapper chain: `suite.load(domain, task, task_kwargs={'random': seed})`, the
 action cast float32 -> float64, two control steps per agent step with summed reward, the observation
-dict flattened in order as float32, and a 500-agent-step time limit.
+dict flattened in order as float32, and a 500-agent-step time limit (a registered task's own
+`episode_length` otherwise).
+
+What `make` builds comes from `tdmpc_jax.task_registry`: a registered task with a loader (the custom
+MT30 tasks of `tdmpc_jax.envs.tasks`, or a user's) is built by it and its dims are checked against the
+registered ones; any other 'domain-task' name is the stock dm_control suite task.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ os.environ.setdefault("MUJOCO_GL", "disable")
 import numpy as np
 from dm_control import suite
 
-from tdmpc_jax.envs.tasks import CUSTOM_TASKS
+from tdmpc_jax import task_registry
 
 DOMAIN_ALIASES = {"cup": "ball_in_cup", "pointmass": "point_mass"}
 ACTION_REPEAT = 2
@@ -28,17 +33,24 @@ def parse_task(name: str):
     return DOMAIN_ALIASES.get(domain, domain), task.replace("-", "_")
 
 
+def _custom_tasks():
+    """{(domain, task): TaskSpec} of the registered tasks with a loader (any spelling parse_task accepts)."""
+    return {parse_task(t): s for t in task_registry.task_names()
+            if (s := task_registry.get_task(t)).loader is not None}
+
+
 def known_tasks():
     stock = [f"{d}-{t}".replace("_", "-").replace("ball-in-cup", "cup").replace("point-mass", "pointmass")
              for d, t in suite.ALL_TASKS]
-    custom = [f"{d}-{t}".replace("_", "-").replace("ball-in-cup", "cup") for d, t in CUSTOM_TASKS]
+    custom = [s.name for s in _custom_tasks().values()]
     return sorted(set(stock + custom))
 
 
 def load_dm_env(name: str, seed: int):
     domain, task = parse_task(name)
-    if (domain, task) in CUSTOM_TASKS:
-        return CUSTOM_TASKS[(domain, task)](random=seed)
+    spec = _custom_tasks().get((domain, task))
+    if spec is not None:
+        return spec.factory()(random=seed)
     if (domain, task) not in suite.ALL_TASKS:
         raise ValueError(f"unknown task {name!r} (e.g. {', '.join(known_tasks()[:6])}, ...; "
                          f"{len(known_tasks())} known)")
@@ -48,8 +60,9 @@ def load_dm_env(name: str, seed: int):
 class DMCEnv:
     """One DMControl task with the TD-MPC2 interface: reset() -> obs; step(a) -> obs, r, done, info."""
 
-    def __init__(self, task: str, seed: int = 1, episode_length: int = EPISODE_LENGTH,
+    def __init__(self, task: str, seed: int = 1, episode_length: int | None = None,
                  action_repeat: int = ACTION_REPEAT):
+        """episode_length None: the registered task's (`tdmpc_jax.task_registry`), else EPISODE_LENGTH."""
         self.task = task
         self.seed = seed
         self._env = load_dm_env(task, seed)
@@ -62,6 +75,12 @@ class DMCEnv:
         self._action_dtype = spec.dtype
         self.action_dim = int(spec.shape[0])
         self.obs_dim = int(sum(int(np.prod(s.shape)) for s in self._env.observation_spec().values()))
+        spec = task_registry.find_task(task)
+        if spec is not None and (spec.obs_dim, spec.action_dim) != (self.obs_dim, self.action_dim):
+            raise ValueError(f"{task}: env obs/action dims {(self.obs_dim, self.action_dim)} differ from the "
+                             f"registered {(spec.obs_dim, spec.action_dim)} (tdmpc_jax.task_registry)")
+        if episode_length is None:
+            episode_length = spec.episode_length if spec is not None else EPISODE_LENGTH
         self.episode_length = episode_length
         self.action_repeat = action_repeat
         self._t = None

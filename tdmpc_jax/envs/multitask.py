@@ -1,9 +1,13 @@
-"""Multi-task view: obs zero-padded at the end to the set's max dim, actions truncated per task."""
+"""Multi-task view: obs zero-padded at the end to the set's max dim, actions truncated per task.
+
+Task sets (the order is the task id) are registered in `tdmpc_jax.task_registry`, masks built by its
+`action_masks`."""
 from __future__ import annotations
 
 import numpy as np
 
-from tdmpc_jax.config import TaskSet, get_task_set
+from tdmpc_jax import task_registry
+from tdmpc_jax.task_registry import TaskSet, get_task_set
 
 
 def pad_obs(obs: np.ndarray, dim: int) -> np.ndarray:
@@ -15,8 +19,8 @@ def pad_obs(obs: np.ndarray, dim: int) -> np.ndarray:
 
 
 def action_masks(task_set: TaskSet) -> np.ndarray:
-    dims = np.asarray(task_set.action_dims)[:, None]
-    return (np.arange(task_set.action_dim)[None] < dims).astype(np.float32)
+    """(num_tasks, A) float32 0/1 (`task_registry.action_masks` of the set's action dims)."""
+    return task_registry.action_masks(task_set.action_dims, task_set.action_dim)
 
 
 class MultitaskEnv:

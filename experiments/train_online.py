@@ -1,7 +1,7 @@
 """Online TD-MPC2 training (single- or multi-task) in our environments.
 
-  python experiments/train.py --tasks=cartpole-balance --episodes=20 --output=runs/cartpole
-  python experiments/train.py --tasks=cartpole-balance,pendulum-spin,reacher-easy --size=64,96,32 ...
+  python experiments/train_online.py --tasks=cartpole-balance --episodes=20 --output=runs/cartpole
+  python experiments/train_online.py --tasks=cartpole-balance,pendulum-spin,reacher-easy --size=64,96,32 ...
 Resumes from DIR after a kill; writes metrics.jsonl, curve.png and DIR/agent (Orbax).
 """
 from absl import flags

@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tdmpc_jax import math as tmath
+from tdmpc_jax import scalar_math as tmath
 
 NB, LO, HI = 101, -10.0, 10.0
 

@@ -1,0 +1,97 @@
+"""Acting in environments: actors, and `rollout`, the one lock-step episode loop.
+
+An actor (in the style of brax's `make_inference_fn` policies) is a function
+
+    actor(params, obs (n, O), task (n,) int, state, t0 (n,) bool, key) -> (actions (n, A), state)
+
+over n independent problems (padded obs and actions, as `BatchedEnv` gives and takes); `state` is
+whatever the actor carries between steps (the planner's warm start). Actors:
+* `make_actor(cfg, pcfg, eval_mode)`: the JAX planner (MPPI, or the policy prior when not pcfg.mpc);
+* `host_actor(fn)`: a function (obs, task, t0) -> actions that keeps its own state, e.g. an exported
+  agent (`tdmpc_jax_runtime.OnnxAgent.act_batch`);
+* any other function of that signature (online training's random seeding actions, a renderer's).
+
+`rollout(env, actor, params, task, length, keys, ...)` plays the lock-step loop over a `BatchedEnv`
+and returns each slot's return; callers attach their own per-step hook `on_step(t, obs, actions,
+rewards, next_obs, dones)` (evaluation: actions, progress; collection and online training: the
+transitions; rendering: frames). The key of step t is `keys(t)`: callers keep their own key schedule.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tdmpc_jax import planner
+from tdmpc_jax.config import ModelConfig
+from tdmpc_jax.envs import BatchedEnv
+from tdmpc_jax.planner import PlannerConfig
+
+Actor = Callable[..., tuple]  # (params, obs, task, state, t0, key) -> (actions, state)
+OnStep = Callable[[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
+
+
+def make_actor(cfg: ModelConfig, pcfg: PlannerConfig, eval_mode: bool = True, batched: bool = True) -> Actor:
+    """The JAX planner as an actor (`planner.act_batch`: the step's key is split over the n problems).
+
+    batched=False: one problem (n == 1) acted by `planner.act_one` with the step's key as is and an
+    unbatched state (H, A), as a single-environment loop acts (rendering)."""
+    if batched:
+        def actor(params, obs, task, state, t0, key):
+            return planner.act_batch(cfg, pcfg, params, jnp.asarray(obs), jnp.asarray(task), state,
+                                     jnp.asarray(t0), key, eval_mode)
+    else:
+        def actor(params, obs, task, state, t0, key):
+            if len(obs) != 1:
+                raise ValueError(f"an unbatched actor acts for one problem, got {len(obs)}")
+            a, state = planner.act_one(cfg, pcfg, params, jnp.asarray(obs[0]), jnp.asarray(task[0]), state,
+                                       jnp.asarray(t0[0]), key, eval_mode)
+            return a[None], state
+    return actor
+
+
+def host_actor(fn: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]) -> Actor:
+    """fn(obs (n, O) float32, task (n,), t0 (n,) bool) -> actions (n, A), keeping its own state (and
+    randomness), as an actor: params, state and key pass through unused."""
+    def actor(params, obs, task, state, t0, key):
+        return fn(np.asarray(obs, np.float32), np.asarray(task), np.asarray(t0)), state
+    return actor
+
+
+def fold_in_keys(seed: int) -> Callable[[int], Any]:
+    """The evaluator's key schedule: step t acts with fold_in(PRNGKey(seed), t)."""
+    key = jax.random.PRNGKey(seed)
+    return lambda t: jax.random.fold_in(key, t)
+
+
+def rollout(env: BatchedEnv, actor: Actor, params, task, length: int, keys: Callable[[int], Any], *,
+            state=None, on_step: Optional[OnStep] = None, obs: Optional[np.ndarray] = None,
+            until_done: bool = True) -> np.ndarray:
+    """Reset `env` (unless its reset observations `obs` are given) and play up to `length` lock-step
+    steps -> each slot's return (n,) float64.
+
+    params: the actor's parameters, or a function returning them at each step (online training updates
+    them between steps). task: task ids (n,). keys(t): the actor's key at step t. state: the actor's
+    initial state. on_step(t, obs, actions, rewards, next_obs, dones) sees every transition, after the
+    step. until_done: stop once every slot's episode has ended (False: play all `length` steps).
+    """
+    if obs is None:
+        obs = env.reset()
+    n = len(obs)
+    returns = np.zeros(n, np.float64)
+    for t in range(length):
+        p = params() if callable(params) else params
+        act, state = actor(p, obs, task, state, jnp.full((n,), t == 0), keys(t))
+        act = np.asarray(act)
+        if not np.all(np.isfinite(act)):
+            raise FloatingPointError(f"the actor produced non-finite actions at step {t}")
+        next_obs, rew, done = env.step(act)
+        returns += rew
+        if on_step is not None:
+            on_step(t, obs, act, rew, next_obs, done)
+        obs = next_obs
+        if until_done and done.all():
+            break
+    return returns

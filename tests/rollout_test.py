@@ -1,0 +1,67 @@
+"""rollout: the one lock-step loop plays what a hand-written loop plays; actors' interface."""
+import jax
+import numpy as np
+import pytest
+
+from tdmpc_jax import rollout
+from tdmpc_jax.envs import BatchedEnv
+
+SLOTS = [("pendulum-spin", 1, 0), ("cartpole-balance", 1, 1), ("reacher-easy", 2, 0)]
+
+
+def _policy(obs, key, step):
+    """A deterministic function of the observation, key and step (n, A=2)."""
+    noise = np.asarray(jax.random.uniform(key, (len(obs), 2), minval=-0.1, maxval=0.1))
+    return (np.tanh(obs[:, :2] + 0.01 * step) * 0.9 + noise).astype(np.float32)
+
+
+def test_rollout_matches_a_hand_loop():
+    keys = rollout.fold_in_keys(3)
+    length = 40
+
+    with BatchedEnv.for_episodes(SLOTS, action_dim=2) as env:  # by hand
+        obs = env.reset()
+        want_returns, want = np.zeros(len(SLOTS)), []
+        for t in range(length):
+            act = _policy(obs, keys(t), t)
+            next_obs, rew, done = env.step(act)
+            want.append((t, obs, act, rew, next_obs, done))
+            want_returns += rew
+            obs = next_obs
+            if done.all():
+                break
+
+    seen, states = [], []
+
+    def actor(params, obs, task, state, t0, key):
+        assert params == {"w": 1} and list(task) == [0, 1, 2] and np.all(np.asarray(t0) == (state == 0))
+        states.append(state)
+        return _policy(obs, key, state), state + 1
+
+    with BatchedEnv.for_episodes(SLOTS, action_dim=2) as env:
+        got_returns = rollout.rollout(env, actor, lambda: {"w": 1}, np.arange(3), length, keys, state=0,
+                                      on_step=lambda *a: seen.append(a))
+    np.testing.assert_array_equal(got_returns, want_returns)
+    assert states == list(range(length)) and len(seen) == len(want)
+    for g, w in zip(seen, want):
+        assert g[0] == w[0]
+        for a, b in zip(g[1:], w[1:]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_rollout_stops_when_every_episode_ended_unless_told():
+    calls = []
+    act = rollout.host_actor(lambda obs, task, t0: calls.append(1) or np.zeros((len(obs), 1), np.float32))
+    with BatchedEnv.for_episodes([("pendulum-spin", 1, 0)]) as env:
+        r = rollout.rollout(env, act, None, np.zeros(1, np.int32), 10 ** 6, jax.random.PRNGKey)
+        assert len(calls) == env.envs[0].episode_length and r.shape == (1,)
+        calls.clear()
+        rollout.rollout(env, act, None, np.zeros(1, np.int32), 7, jax.random.PRNGKey, until_done=False)
+        assert len(calls) == 7
+
+
+def test_rollout_rejects_non_finite_actions():
+    bad = rollout.host_actor(lambda obs, task, t0: np.full((len(obs), 1), np.nan, np.float32))
+    with BatchedEnv.for_episodes([("pendulum-spin", 1, 0)]) as env:
+        with pytest.raises(FloatingPointError, match="non-finite actions at step 0"):
+            rollout.rollout(env, bad, None, np.zeros(1, np.int32), 5, jax.random.PRNGKey)
