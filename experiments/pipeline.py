@@ -5,6 +5,7 @@
 Every stage skips work already done in --output (a killed run restarts where it stopped; training
 resumes from its last checkpoint). Results: OUT/table.md, OUT/results.json, OUT/compare.png.
 """
+import dataclasses
 import json
 import os
 import time
@@ -29,10 +30,16 @@ flags.DEFINE_bool("mpc", True, "evaluate with MPPI (false: the policy prior, muc
 flags.DEFINE_integer("iterations", 4, "MPPI iterations for the evaluation (official: 6)")
 flags.DEFINE_integer("num_samples", 256, "MPPI samples for the evaluation (official: 512)")
 flags.DEFINE_integer("seed", 1, "seed")
+flags.DEFINE_integer("onpolicy_rounds", 0,
+                     "on-policy distillation rounds: the updates are split into rounds+1 equal phases; after each "
+                     "phase the distilled student collects --collect_episodes per task with its own MPPI "
+                     "(exploration on) and both students continue on the union (the teacher labels the new states "
+                     "through the distillation terms; the scratch student gets the same data)")
 cli.existing_path("teacher")
 cli.dataset_dir("data")
 cli.output("output", "pipeline")
 cli.positive_int("collect_episodes", "steps", "batch_size", "episodes", "iterations")
+cli.int_range("onpolicy_rounds", lo=0, hi=10)
 cli.int_range("num_samples", lo=8)  # the evaluation keeps num_samples // 8 elites
 cli.size_spec("student_size")
 DISTILL_FLAGS = cli.distill_flags(coef=0.4, model_coef=1.0)
@@ -55,7 +62,8 @@ def _check_parts(v):
     from tdmpc_jax.results_io import check_output
     out, ow = v["output"], v["overwrite"]
     parts = [("distilled-int8", "checkpoint")] + [(n, "distill-run") for n in STUDENTS] + \
-        [(os.path.join("eval", n), "eval") for n in AGENTS] + ([] if v["data"] else [("data", "dataset")])
+        [(os.path.join("eval", n), "eval") for n in AGENTS] + ([] if v["data"] else [("data", "dataset")]) + \
+        [(d, "dataset") for i in range(1, (v["onpolicy_rounds"] or 0) + 1) for d in _round_dirs(i)]
     for sub, kind in parts:
         try:
             check_output(os.path.join(out, sub), kind, ow)
@@ -63,14 +71,18 @@ def _check_parts(v):
             raise ValueError(f"--output={out}: {sub}: {getattr(e, 'problem', e)}") from None
 
 
-cli.check(("output", "overwrite", "data"), _check_parts)
+def _round_dirs(i):
+    return f"data-onpolicy-{i}", f"data-merged-{i}"
+
+
+cli.check(("output", "overwrite", "data", "onpolicy_rounds"), _check_parts)
 
 
 def main(argv):
     del argv
     import tdmpc_jax
     from tdmpc_jax.config import TrainConfig
-    from tdmpc_jax.data import Dataset, DatasetError
+    from tdmpc_jax.data import Dataset, DatasetError, merge_datasets
     from tdmpc_jax.data.collect import collect
     from tdmpc_jax.evaluation import evaluate, resolve_tasks
     from tdmpc_jax.offline import RunConfig, train_offline
@@ -97,21 +109,38 @@ def main(argv):
                      FLAGS.seed, progress=False, overwrite=FLAGS.overwrite)
         print(f"      teacher returns while collecting: "
               + ", ".join(f"{t} {r:.0f}" for t, r in ds.meta_returns.items()), flush=True)
-    run = RunConfig(steps=FLAGS.steps, seed=FLAGS.seed, log_every=max(1, FLAGS.steps // 40),
-                    checkpoint_every=max(1, FLAGS.steps // 5))
+    pcfg = PlannerConfig(mpc=FLAGS.mpc, iterations=FLAGS.iterations, num_samples=FLAGS.num_samples,
+                         num_elites=min(64, FLAGS.num_samples // 8), num_pi_trajs=min(24, FLAGS.num_samples // 16))
+    rounds = FLAGS.onpolicy_rounds
     students = {}
-    for name in STUDENTS:
-        print(f"[3/5] training the {name} student ({FLAGS.steps} updates) ...", flush=True)
-        tcfg = TrainConfig(batch_size=FLAGS.batch_size, **cli.distill_coefficients(name == "distilled"))
-        claim_output(os.path.join(out, name), "distill-run", FLAGS.overwrite)
-        students[name], _ = train_offline(cfg, tcfg, ds, os.path.join(out, name), run,
-                                          teacher if tcfg.uses_teacher else None)
+    for phase in range(rounds + 1):
+        upto = FLAGS.steps * (phase + 1) // (rounds + 1)
+        if phase > 0:
+            visits, merged = (os.path.join(out, d) for d in _round_dirs(phase))
+            try:
+                ds = Dataset(merged)
+                print(f"[3/5] round {phase}: dataset {merged}: {ds.num_episodes} episodes (reused)")
+            except DatasetError:
+                print(f"[3/5] round {phase}: the distilled student collects {FLAGS.collect_episodes} episodes per "
+                      f"task with its MPPI ...", flush=True)
+                v = collect(students["distilled"], tasks, FLAGS.collect_episodes, visits,
+                            dataclasses.replace(pcfg, mpc=True), FLAGS.seed + phase, progress=False, overwrite=True)
+                print("      student returns while collecting: "
+                      + ", ".join(f"{t} {r:.0f}" for t, r in v.meta_returns.items()), flush=True)
+                ds = merge_datasets(merged, [ds, v], overwrite=True)
+        run = RunConfig(steps=upto, seed=FLAGS.seed, log_every=max(1, FLAGS.steps // 40),
+                        checkpoint_every=max(1, FLAGS.steps // 5))
+        for name in STUDENTS:
+            print(f"[3/5] training the {name} student (updates {FLAGS.steps * phase // (rounds + 1)}-{upto} of "
+                  f"{FLAGS.steps}, {ds.num_episodes} episodes) ...", flush=True)
+            tcfg = TrainConfig(batch_size=FLAGS.batch_size, **cli.distill_coefficients(name == "distilled"))
+            claim_output(os.path.join(out, name), "distill-run", FLAGS.overwrite)
+            students[name], _ = train_offline(cfg, tcfg, ds, os.path.join(out, name), run,
+                                              teacher if tcfg.uses_teacher else None)
     print("[4/5] quantizing the distilled student to int8 ...", flush=True)
     qdir = students["distilled"].save(os.path.join(out, "distilled-int8"), fmt="int8")
     agents = {"teacher": teacher, "distilled": students["distilled"], "scratch": students["scratch"],
               "distilled-int8": tdmpc_jax.load_checkpoint(qdir)}
-    pcfg = PlannerConfig(mpc=FLAGS.mpc, iterations=FLAGS.iterations, num_samples=FLAGS.num_samples,
-                         num_elites=min(64, FLAGS.num_samples // 8), num_pi_trajs=min(24, FLAGS.num_samples // 16))
     print(f"[5/5] evaluating {len(agents)} agents x {len(tasks)} tasks x {FLAGS.episodes} episodes "
           f"({'MPPI ' + str(FLAGS.iterations) + 'x' + str(FLAGS.num_samples) if FLAGS.mpc else 'policy prior'}) ...",
           flush=True)
@@ -133,7 +162,7 @@ def main(argv):
     with open(os.path.join(out, "settings.json"), "w") as f:
         json.dump({k: getattr(FLAGS, k) for k in ("teacher", "data", "collect_episodes", "collect_mpc", "student_size",
                                                   "steps", "batch_size", "episodes", "mpc", "iterations",
-                                                  "num_samples", "seed") + DISTILL_FLAGS}, f, indent=1)
+                                                  "num_samples", "seed", "onpolicy_rounds") + DISTILL_FLAGS}, f, indent=1)
     print(table)
     print(f"\nwrote {out}/table.md, results.json, compare.png")
 

@@ -259,8 +259,9 @@ def output(name: str, kind, overwrite: str = "overwrite", extensions=None, depen
 
 
 def distill_flags(**defaults):
-    """Define one float flag per distillation term (config.DISTILL_TERMS; default 0 unless given in
-    `defaults` by flag name), each finite and >= 0. -> the flag names."""
+    """Define one float flag per distillation term registered so far (tdmpc_jax.distill_terms: the built-ins,
+    and a user's terms registered before this call; default 0 unless given in `defaults` by flag name), each
+    finite and >= 0. -> the flag names."""
     from tdmpc_jax.config import DISTILL_TERMS
     caller = sys._getframe(1).f_globals.get("__name__", "")
     names = []
@@ -275,9 +276,11 @@ def distill_flags(**defaults):
 
 
 def distill_coefficients(teacher_given: bool = True) -> dict:
-    """TrainConfig keyword arguments from the distillation flags (all 0 without a teacher)."""
-    from tdmpc_jax.config import DISTILL_TERMS
-    return {field: (FLAGS[name].value if teacher_given else 0.0) for field, (name, _) in DISTILL_TERMS.items()}
+    """TrainConfig keyword arguments from the distillation flags (all 0 without a teacher): the built-in
+    terms' fields, and `distill_extra` for registered terms with a flag > 0 (`TrainConfig.distill_kwargs`)."""
+    from tdmpc_jax.config import DISTILL_TERMS, TrainConfig
+    return TrainConfig.distill_kwargs({field: (FLAGS[name].value if teacher_given else 0.0)
+                                       for field, (name, _) in DISTILL_TERMS.items() if name in FLAGS})
 
 
 def check(names, fn):

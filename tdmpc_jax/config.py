@@ -2,7 +2,9 @@
 
 Everything here is plain data: no module reads global flags; one config object flows through. Tasks and
 task sets (MT30/MT80 and any registered one: `TASK_SETS`, `get_task_set`, `TaskSet`) are defined in
-`tdmpc_jax.task_registry` (which says how to add one) and re-exported here.
+`tdmpc_jax.task_registry` (which says how to add one) and re-exported here. Distillation terms are defined
+in `tdmpc_jax.distill_terms` (which says how to add one); `TrainConfig` carries their coefficients (a field
+per built-in term, `distill_extra` for the others; `tcfg.coef(field)` reads either).
 """
 from __future__ import annotations
 
@@ -149,19 +151,20 @@ def make_model_config(size: int = 1, task_set: Optional[str] = "mt30", *,
     return ModelConfig(**kw)
 
 
-# Every distillation term (the one list: TrainConfig fields, command-line flags, help), implemented in
-# losses.make_losses. TrainConfig field -> (flag of distill.py / pipeline.py, what it distils).
-DISTILL_TERMS = {
-    "distill_coef": ("coef", "reward MSE(student, teacher) at t=0 (TD-MPC-Opt; paper 0.4, released model 0.45)"),
-    "distill_reward_kl_coef": ("kl_coef", "KL between the two-hot reward distributions at t=0"),
-    "distill_q_coef": ("q_coef", "MSE of the mean Q at the dataset action, t=0"),
-    "distill_policy_coef": ("policy_coef", "policy mean vs the teacher policy's mean at t=0 (trains pi_head)"),
-    "distill_value_coef": ("value_coef", "MSE of Q at the teacher policy's action: the teacher's value"),
-    "distill_action_coef": ("action_coef", "policy mean vs the dataset's (teacher-collected) actions"),
-    "distill_model_coef": ("model_coef", "rewards, Q values and policy along the whole rollout at data, "
-                                         "teacher-policy and random actions (what MPPI reads)"),
-}
-DISTILL_COEFS = tuple(DISTILL_TERMS)
+# Every distillation term is a `DistillTerm` of the registry `tdmpc_jax.distill_terms` (which says how to
+# add one). `DISTILL_TERMS` (field -> (flag, help)) and `DISTILL_COEFS` (the fields) are views of it, read
+# when accessed (module __getattr__: config imports the registry lazily, it imports networks -> config).
+def _distill_terms():
+    from tdmpc_jax import distill_terms
+    return distill_terms
+
+
+def __getattr__(name):
+    if name == "DISTILL_TERMS":
+        return {t.field: (t.flag, t.help) for t in _distill_terms().get_terms()}
+    if name == "DISTILL_COEFS":
+        return tuple(t.field for t in _distill_terms().get_terms())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,8 +195,10 @@ class TrainConfig:
     distill_policy_coef: float = 0.0
     distill_value_coef: float = 0.0   # MSE(student Q, teacher Q) at the teacher's policy action
     distill_action_coef: float = 0.0  # MSE(student policy mean, dataset action): a teacher-collected dataset's
-    distill_model_coef: float = 0.0   # rewards, Q values and policy along the rollout (losses.model_distillation)
+    distill_model_coef: float = 0.0   # rewards, Q values and policy along the rollout (distill_terms.model_rollout)
     distill_temperature: float = 1.0
+    # coefficients of registered terms without a field above: ((field, coef), ...) (tdmpc_jax.distill_terms)
+    distill_extra: Tuple[Tuple[str, float], ...] = ()
 
     def __post_init__(self):
         if self.policy_loss not in ("new", "old"):
@@ -202,13 +207,45 @@ class TrainConfig:
             raise ValueError("policy_emb_leak reproduces the 'new' policy loss only (the old code freezes the embedding)")
         if self.batch_size < 1 or self.horizon < 1:
             raise ValueError("batch_size and horizon must be >= 1")
-        for f in DISTILL_COEFS:
-            if getattr(self, f) < 0:
-                raise ValueError(f"{f} must be >= 0")
+        # lists (JSON metadata) -> the hashable tuple form
+        extra = tuple((str(f), float(c)) for f, c in self.distill_extra)
+        object.__setattr__(self, "distill_extra", extra)
+        terms = _distill_terms()
+        fields = {f.name for f in dataclasses.fields(self)}
+        seen = set()
+        for f, _ in extra:
+            if terms.find_term(f) is None:
+                raise ValueError(f"distill_extra: {f!r} is not a registered distillation term "
+                                 "(tdmpc_jax.distill_terms.register_term)")
+            if f in fields:
+                raise ValueError(f"distill_extra: {f!r} is a TrainConfig field: set {f}= instead")
+            if f in seen:
+                raise ValueError(f"distill_extra: {f!r} is given twice")
+            seen.add(f)
+        for t in terms.get_terms():
+            if self.coef(t.field) < 0:
+                raise ValueError(f"{t.field} must be >= 0")
+
+    def coef(self, field: str) -> float:
+        """The coefficient of the distillation term `field` (its TrainConfig field, else `distill_extra`; 0
+        for a registered term not given)."""
+        if _distill_terms().find_term(field) is None:
+            raise ValueError(f"unknown distillation term {field!r}")
+        if field in self.__dataclass_fields__:
+            return getattr(self, field)
+        return dict(self.distill_extra).get(field, 0.0)
+
+    @classmethod
+    def distill_kwargs(cls, coefs: dict) -> dict:
+        """{field: coef} of registered terms -> TrainConfig keyword arguments (the fields, and the other
+        terms' positive coefficients as `distill_extra`)."""
+        kw = {f: c for f, c in coefs.items() if f in cls.__dataclass_fields__}
+        extra = tuple((f, c) for f, c in coefs.items() if f not in kw and c > 0)
+        return dict(kw, distill_extra=extra) if extra else kw
 
     @property
     def uses_teacher(self) -> bool:
-        return any(getattr(self, f) > 0 for f in DISTILL_COEFS)
+        return any(self.coef(t.field) > 0 for t in _distill_terms().get_terms())
 
 
 def parse_size_spec(spec) -> "int | Tuple[int, int, int]":

@@ -55,12 +55,13 @@ def check_dims(agent: Agent, tasks: Sequence[str]):
 
 def run_episodes(agent: Agent, slots: Sequence[tuple], pcfg: PlannerConfig, seed: int = 1,
                  eval_mode: bool = True, num_workers: int = 0, progress: bool = True,
-                 record_actions: bool = False, on_step=None, actor=None):
+                 record_actions: bool = False, on_step=None, actor=None, timing=None):
     """Play every slot (task, env_seed, episode_index) to the end in lock-step. -> (returns, actions).
 
     on_step(t, obs, actions, rewards, next_obs, dones), if given, sees every lock-step transition.
     actor, if given, acts instead of the JAX planner (a `rollout` actor, e.g. an exported agent's
-    `rollout.host_actor(tdmpc_jax_runtime.OnnxAgent(...).act_batch)`).
+    `rollout.host_actor(tdmpc_jax_runtime.OnnxAgent(...).act_batch)`). timing: a dict that receives
+    `rollout`'s split of the wall time (acting, environments, hooks).
     """
     cfg = agent.config
     if actor is None:
@@ -82,7 +83,7 @@ def run_episodes(agent: Agent, slots: Sequence[tuple], pcfg: PlannerConfig, seed
     with bar, BatchedEnv.for_episodes(slots, num_workers=num_workers, obs_dim=cfg.obs_dim,
                                  action_dim=cfg.action_dim) as env:
         returns = rollout.rollout(env, actor, params, task_ids, length, rollout.fold_in_keys(seed),
-                                  state=planner.init_state(cfg, pcfg, n), on_step=hook)
+                                  state=planner.init_state(cfg, pcfg, n), on_step=hook, timing=timing)
     return returns, (np.stack(actions_log, 1) if record_actions else None)
 
 
@@ -121,11 +122,18 @@ def evaluate(agent: Agent, tasks, episodes: int = 10, seed: int = 1, pcfg: Optio
     check_dims(agent, tasks)
     slots = [(t, seed, e) for t in tasks for e in range(episodes)]
     t0 = time.perf_counter()
-    returns, _ = run_episodes(agent, slots, pcfg, seed, eval_mode, num_workers, progress, actor=actor)
+    timing = {}
+    returns, _ = run_episodes(agent, slots, pcfg, seed, eval_mode, num_workers, progress, actor=actor,
+                              timing=timing)
     wall = time.perf_counter() - t0
     per_task = {t: returns[i * episodes:(i + 1) * episodes] for i, t in enumerate(tasks)}
     out = summarize(per_task)
     out.update(checkpoint=str(agent.metadata.get("source", "")), seed=seed, episodes=episodes,
                eval_mode=eval_mode, planner=dataclasses.asdict(pcfg), wall_time_s=wall,
-               agent_steps_per_s=len(slots) * 500 / wall, jax_backend=jax.default_backend())
+               agent_steps_per_s=len(slots) * timing["steps"] / wall, jax_backend=jax.default_backend(),
+               timing={"first_step_s (compile included)": timing["act_first_s"], "act_s (plan + transfer)":
+                       timing["act_s"], "env_s": timing["env_s"], "hooks_s": timing["hook_s"],
+                       "setup_s (envs, params)": wall - timing["act_first_s"] - timing["act_s"]
+                       - timing["env_s"] - timing["hook_s"], "lockstep_steps": timing["steps"],
+                       "workers": num_workers})
     return out

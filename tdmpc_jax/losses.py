@@ -1,7 +1,9 @@
 """TD-MPC2 losses as pure functions, built by `make_losses` (brax style).
 
 World-model loss (reference doc §3.2-3.3): consistency, reward and value (TD targets from the target
-Qs with a sampled policy action) with rho^t weighting, plus TD-MPC-Opt's distillation term(s).
+Qs with a sampled policy action) with rho^t weighting, plus the distillation terms: every term registered in `tdmpc_jax.distill_terms`
+(where a new term is added, in one place) with a coefficient > 0 (`TrainConfig.coef`), summed in
+registration order; policy-type terms hand their targets to the policy loss.
 Policy loss (§3.5): Q_avg of a sampled action scaled by a RunningScale, with the 'new' scaled
 entropy or the 'old' log-prob. Differences from the official code, on purpose:
 * distillation reuses the student's z_0 instead of a second identical encode (same value and gradient);
@@ -19,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from tdmpc_jax import scalar_math as tmath
-from tdmpc_jax import networks
+from tdmpc_jax import distill_terms, networks
 from tdmpc_jax.config import ModelConfig, TrainConfig
 
 
@@ -113,80 +115,29 @@ def make_losses(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[Model
         metrics["total_loss"] = total
         return total, (metrics, jax.lax.stop_gradient(zs), pi_targets)
 
+    # the registered distillation terms (tdmpc_jax.distill_terms), read now: coef > 0, or reported always
+    terms = [(t, tcfg.coef(t.field)) for t in distill_terms.get_terms()]
+    active = [(t, c) for t, c in terms if c > 0 or (t.always and tcfg.uses_teacher)]
+    pi_coefs = {t.name: c for t, c in active if t.policy_target}
+
     def distillation(scfg, params, zs, emb, batch, mask, teacher_params, key):
         """scfg/params/emb: the student as `conditioned` gives it; zs: its latent rollout (H+1, B, L).
 
-        -> (loss, metrics, policy targets). The policy terms are not in this loss: the world-model
-        step does not update pi_head (a policy MSE here would only bend the encoder). Their targets,
-        (T, B, A) actions for the first T latents, go to `policy`, which adds coef x MSE."""
-        tc = teacher_cfg
-        z0 = zs[0]
-        t_emb = networks.embed(tc, teacher_params, batch.task)
-        t_z = networks.encode(tc, teacher_params, batch.obs[0], t_emb)
-        t_logits = networks.reward_logits(tc, teacher_params, t_z, batch.action[0], t_emb)
-        s_logits = networks.reward_logits(scfg, params, z0, batch.action[0], emb)
-        r_t = tmath.two_hot_inv(t_logits, tc.vmin, tc.vmax)
-        r_s = tmath.two_hot_inv(s_logits, cfg.vmin, cfg.vmax)
-        out = {"distill_reward_mse": jnp.mean((r_s - r_t) ** 2)}
-        total = tcfg.distill_coef * out["distill_reward_mse"]
-        if tcfg.distill_reward_kl_coef > 0:
-            T = tcfg.distill_temperature
-            pt = jax.nn.softmax(t_logits / T, -1)
-            kl = jnp.sum(pt * (jnp.log(pt + 1e-12) - jax.nn.log_softmax(s_logits / T, -1)), -1).mean() * T * T
-            out["distill_reward_kl"] = kl
-            total += tcfg.distill_reward_kl_coef * kl
-        if tcfg.distill_q_coef > 0:
-            q_t = networks.q_values(tc, teacher_params["qs"], t_z, batch.action[0], t_emb).mean(0)
-            q_s = networks.q_values(scfg, params["qs"], z0, batch.action[0], emb).mean(0)
-            out["distill_q_mse"] = jnp.mean((q_s - q_t) ** 2)
-            total += tcfg.distill_q_coef * out["distill_q_mse"]
-        pi_targets = {}
-        if tcfg.distill_policy_coef > 0 or tcfg.distill_value_coef > 0:
-            m_t, _ = networks.pi_dist(tc, teacher_params, t_z, t_emb, mask)
-            a_t = jax.lax.stop_gradient(jnp.tanh(m_t))
-        if tcfg.distill_policy_coef > 0:  # the teacher policy's mean action, at t = 0
-            pi_targets["distill_policy"] = a_t[None]
-        if tcfg.distill_value_coef > 0:  # the teacher's value of its own policy: Q_t(z, pi_t(z))
-            v_t = networks.q_values(tc, teacher_params["qs"], t_z, a_t, t_emb).mean(0)
-            v_s = networks.q_values(scfg, params["qs"], z0, a_t, emb).mean(0)
-            out["distill_value_mse"] = jnp.mean((v_s - v_t) ** 2)
-            total += tcfg.distill_value_coef * out["distill_value_mse"]
-        if tcfg.distill_model_coef > 0:
-            d, o, pi_targets["distill_model"] = model_distillation(
-                scfg, params, zs[:-1], emb, batch, mask, teacher_params, jax.random.fold_in(key, 0x6D6F64))
-            out.update(o)
-            total += tcfg.distill_model_coef * d
-        if tcfg.distill_action_coef > 0:  # the teacher's own (planner) actions stored in the dataset, t < H
-            pi_targets["distill_action"] = batch.action
-        return total, out, pi_targets
-
-    def model_distillation(scfg, params, zs, emb, batch, mask, teacher_params, key):
-        """What MPPI reads from the model, matched to the teacher along the student's own latent rollout
-        (t < H, rho^t weighted): rewards and Q values (soft cross-entropy to the teacher's decoded values,
-        the scale of the model's own losses) at three actions per state (the dataset's, the teacher
-        policy's mean, a uniform random one: the planner samples far from the data); the teacher
-        policy's mean actions are returned as the policy's targets."""
-        tc = teacher_cfg
-        t_emb = seq(networks.embed(tc, teacher_params, batch.task), H)
-        t_z = networks.encode(tc, teacher_params, batch.obs[:-1], t_emb)  # (H, B, Lt) from real observations
-        emb_h = seq(emb, H)
-        mask_h = jnp.broadcast_to(mask, (H,) + mask.shape)
-        m_t, _ = networks.pi_dist(tc, teacher_params, t_z, t_emb, mask_h)
-        a_pi = jax.lax.stop_gradient(jnp.tanh(m_t))
-        a_rand = jax.random.uniform(key, a_pi.shape, minval=-1.0, maxval=1.0) * mask_h
-        w = rho[:H] / jnp.sum(rho[:H])
-        r_ce = q_ce = 0.0
-        for a in (batch.action, a_pi, a_rand):
-            r_t = networks.reward(tc, teacher_params, t_z, a, t_emb)
-            q_t = networks.q_values(tc, teacher_params["qs"], t_z, a, t_emb).mean(0)
-            r_s = networks.reward_logits(scfg, params, zs, a, emb_h)
-            q_s = networks.q_logits(scfg, params["qs"], zs, a, emb_h)  # (num_q, H, B, nb)
-            r_ce += jnp.sum(w * tmath.soft_ce(r_s, jax.lax.stop_gradient(r_t), nb, lo, hi).mean(-1)) / 3
-            q_ce += jnp.sum(w * tmath.soft_ce(q_s, jax.lax.stop_gradient(q_t)[None], nb, lo, hi).mean((0, -1))) / 3
-        return r_ce + q_ce, {"distill_model_reward_ce": r_ce, "distill_model_q_ce": q_ce}, a_pi
-
-    pi_coefs = {"distill_policy": tcfg.distill_policy_coef, "distill_action": tcfg.distill_action_coef,
-                "distill_model": tcfg.distill_model_coef}
+        -> (loss, metrics, policy targets): coef x value summed over the registered terms in registration
+        order. The policy terms are not in this loss: the world-model step does not update pi_head (a
+        policy MSE here would only bend the encoder). Their targets, (T, B, A) actions for the first T
+        latents, go to `policy`, which adds coef x MSE."""
+        ctx = distill_terms.Context(cfg=scfg, params=params, zs=zs, emb=emb, batch=batch, mask=mask, tcfg=tcfg,
+                                    rho=rho, teacher_cfg=teacher_cfg, teacher_params=teacher_params, key=key)
+        total, out, pi_targets = None, {}, {}
+        for term, coef in active:
+            value, metrics, target = term.loss(ctx)
+            out.update(metrics)
+            if value is not None:  # an `always` term at coef 0 adds 0 x value, as the code always did
+                total = coef * value if total is None else total + coef * value
+            if coef > 0 and term.policy_target and target is not None:
+                pi_targets[term.name] = target
+        return (0.0 if total is None else total), out, pi_targets
 
     def policy(trainable, params, zs, task, scale, key, pi_targets=None):
         """trainable: {'pi_head'} (+ {'task_emb'} for the official leak); everything else is frozen.

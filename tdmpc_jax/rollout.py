@@ -18,6 +18,7 @@ transitions; rendering: frames). The key of step t is `keys(t)`: callers keep th
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Optional
 
 import jax
@@ -68,7 +69,7 @@ def fold_in_keys(seed: int) -> Callable[[int], Any]:
 
 def rollout(env: BatchedEnv, actor: Actor, params, task, length: int, keys: Callable[[int], Any], *,
             state=None, on_step: Optional[OnStep] = None, obs: Optional[np.ndarray] = None,
-            until_done: bool = True) -> np.ndarray:
+            until_done: bool = True, timing: Optional[dict] = None) -> np.ndarray:
     """Reset `env` (unless its reset observations `obs` are given) and play up to `length` lock-step
     steps -> each slot's return (n,) float64.
 
@@ -76,22 +77,36 @@ def rollout(env: BatchedEnv, actor: Actor, params, task, length: int, keys: Call
     them between steps). task: task ids (n,). keys(t): the actor's key at step t. state: the actor's
     initial state. on_step(t, obs, actions, rewards, next_obs, dones) sees every transition, after the
     step. until_done: stop once every slot's episode has ended (False: play all `length` steps).
+    timing: a dict that receives where the wall time went, in seconds: "act_first_s" (step 0's actor
+    call: compilation included), "act_s" (the other steps' actor calls until the actions are on the host:
+    planning and transfer), "env_s" (stepping the environments), "hook_s" (on_step), "steps".
     """
+    clock = time.perf_counter
+    tm = {"act_first_s": 0.0, "act_s": 0.0, "env_s": 0.0, "hook_s": 0.0, "steps": 0}
     if obs is None:
         obs = env.reset()
     n = len(obs)
     returns = np.zeros(n, np.float64)
     for t in range(length):
+        c0 = clock()
         p = params() if callable(params) else params
         act, state = actor(p, obs, task, state, jnp.full((n,), t == 0), keys(t))
         act = np.asarray(act)
+        c1 = clock()
+        tm["act_first_s" if t == 0 else "act_s"] += c1 - c0
         if not np.all(np.isfinite(act)):
             raise FloatingPointError(f"the actor produced non-finite actions at step {t}")
         next_obs, rew, done = env.step(act)
+        c2 = clock()
+        tm["env_s"] += c2 - c1
         returns += rew
         if on_step is not None:
             on_step(t, obs, act, rew, next_obs, done)
+        tm["hook_s"] += clock() - c2
+        tm["steps"] += 1
         obs = next_obs
         if until_done and done.all():
             break
+    if timing is not None:
+        timing.update(tm)
     return returns

@@ -153,7 +153,7 @@ def run_unit(out: str, unit: Unit, teacher, dataset, scfg: StudyConfig, repo: st
     os.makedirs(d, exist_ok=True)
     cfg = student_config(SIZES[unit.size], teacher.config)
     coefs = ARMS[unit.arm]
-    tcfg = TrainConfig(batch_size=scfg.batch_size, **coefs)
+    tcfg = TrainConfig(batch_size=scfg.batch_size, **TrainConfig.distill_kwargs(coefs))  # any registered term
     info = {"unit": dataclasses.asdict(unit), "dims": SIZES[unit.size], "coefficients": coefs,
             "steps": scfg.steps, "batch_size": scfg.batch_size, "git_commit": git_commit(repo),
             "study": dataclasses.asdict(scfg)}

@@ -121,16 +121,17 @@ def test_batch_equals_single_and_policy_prior(model, released_agent):
 
 
 def test_chunking_never_changes_the_actions(model):
-    """act_batch's chunk is a speed setting only: 1, 2, 5 (every problem) and the backend default agree."""
+    """act_batch's chunk is a speed setting only: 1, 5 (every problem) and the backend default (4 of 5 on a
+    CPU: a full chunk and a ragged one) agree."""
     cfg, params = model
     obs = jax.random.normal(jax.random.PRNGKey(4), (5, 24))
     tasks = jnp.array([0, 3, 12, 20, 29], jnp.int32)
     t0 = jnp.array([True, False, True, False, True])
-    base = planner.PlannerConfig(iterations=2, num_samples=32, num_elites=8, num_pi_trajs=4)
+    base = planner.PlannerConfig(iterations=1, num_samples=32, num_elites=8, num_pi_trajs=4)
     st = planner.init_state(cfg, base, 5)
     runs = {c: planner.act_batch(cfg, dataclasses.replace(base, chunk=c), params, obs, tasks, st, t0,
-                                 jax.random.PRNGKey(9)) for c in (0, 1, 2, 5)}
-    for c in (1, 2, 5):  # float32 noise only (XLA blocks the matmuls differently per batch size): 2e-5 seen
+                                 jax.random.PRNGKey(9)) for c in (0, 1, 5)}
+    for c in (1, 5):  # float32 noise only (XLA blocks the matmuls differently per batch size): 2e-5 seen
         np.testing.assert_allclose(runs[c][0], runs[0][0], atol=1e-4)
         np.testing.assert_allclose(runs[c][1].prev_mean, runs[0][1].prev_mean, atol=1e-4)
 

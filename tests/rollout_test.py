@@ -65,3 +65,24 @@ def test_rollout_rejects_non_finite_actions():
     with BatchedEnv.for_episodes([("pendulum-spin", 1, 0)]) as env:
         with pytest.raises(FloatingPointError, match="non-finite actions at step 0"):
             rollout.rollout(env, bad, None, np.zeros(1, np.int32), 5, jax.random.PRNGKey)
+
+
+def test_rollout_reports_where_the_time_went():
+    """timing: the actor's first call (compile) apart from the others, environments, hooks; a slow actor
+    and a slow hook show up in their own entries."""
+    import time
+
+    def slow_actor(obs, task, t0):
+        time.sleep(0.02 if bool(np.asarray(t0)[0]) else 0.005)
+        return np.zeros((len(obs), 1), np.float32)
+
+    timing = {}
+    t = time.perf_counter()
+    with BatchedEnv.for_episodes([("pendulum-spin", 1, 0)]) as env:
+        rollout.rollout(env, rollout.host_actor(slow_actor), None, np.zeros(1, np.int32), 6, jax.random.PRNGKey,
+                        on_step=lambda *a: time.sleep(0.01), timing=timing)
+    wall = time.perf_counter() - t
+    assert timing["steps"] == 6
+    assert timing["act_first_s"] >= 0.02 and timing["act_s"] >= 5 * 0.005 and timing["hook_s"] >= 6 * 0.01
+    assert timing["env_s"] > 0
+    assert timing["act_first_s"] + timing["act_s"] + timing["env_s"] + timing["hook_s"] <= wall

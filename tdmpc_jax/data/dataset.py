@@ -214,6 +214,27 @@ class Dataset:
         return sample_slices(self.arrays, self.episodes, rng, batch_size, horizon, self.path)
 
 
+def merge_datasets(path, parts: Sequence["Dataset"], overwrite: bool = False) -> "Dataset":
+    """One dataset holding every episode of `parts` in order (same dims and task list), written
+    atomically like any other (`DatasetWriter`)."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    first = parts[0]
+    for ds in parts[1:]:
+        if (ds.obs_dim, ds.action_dim, ds.tasks) != (first.obs_dim, first.action_dim, first.tasks):
+            raise DatasetError(ds.path, f"dims or tasks differ from {first.path}'s: cannot merge")
+    with DatasetWriter(path, first.obs_dim, first.action_dim, first.tasks, first.meta.get("task_set"),
+                       overwrite=overwrite) as w:
+        for ds in parts:
+            for e in range(ds.num_episodes):
+                a, b = int(ds.episodes[e]), int(ds.episodes[e + 1])
+                action = np.array(ds.arrays["action"][a:b])
+                action[0] = np.nan  # entry 0 is the filler of every episode
+                w.add_episode(np.asarray(ds.arrays["obs"][a:b]), action, np.asarray(ds.arrays["reward"][a:b]),
+                              int(ds.arrays["task"][a]))
+    return Dataset(path)
+
+
 def sample_slices(arrays, episodes, rng: np.random.Generator, batch_size: int, horizon: int, name="buffer"):
     """(obs (H+1,B,O), action (H,B,A), reward (H,B), task (B,)) from row arrays and episode offsets."""
     lengths = np.diff(episodes)
