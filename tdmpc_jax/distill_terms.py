@@ -43,7 +43,8 @@ from tdmpc_jax import scalar_math as tmath
 # imports this module lazily, so this module never imports config or networks at import time.
 
 
-def _seq(e, T):
+def broadcast_time(e, T):
+    """An embedding (or None) repeated over T time steps: (E...) -> (T, E...)."""
     return None if e is None else jnp.broadcast_to(e, (T,) + e.shape)
 
 
@@ -221,9 +222,9 @@ def model_rollout(ctx: Context) -> LossResult:
     nb, lo, hi = scfg.num_bins, scfg.vmin, scfg.vmax
     key = jax.random.fold_in(ctx.key, 0x6D6F64)
     zs = ctx.zs[:-1]
-    t_emb = _seq(nw.embed(tc, tp, batch.task), H)
+    t_emb = broadcast_time(nw.embed(tc, tp, batch.task), H)
     t_z = nw.encode(tc, tp, batch.obs[:-1], t_emb)  # (H, B, Lt) from real observations
-    emb_h = _seq(ctx.emb, H)
+    emb_h = broadcast_time(ctx.emb, H)
     mask_h = jnp.broadcast_to(ctx.mask, (H,) + ctx.mask.shape)
     m_t, _ = nw.pi_dist(tc, tp, t_z, t_emb, mask_h)
     a_pi = jax.lax.stop_gradient(jnp.tanh(m_t))

@@ -72,8 +72,7 @@ def make_losses(cfg: ModelConfig, tcfg: TrainConfig, teacher_cfg: Optional[Model
             return (*networks.fold_task_batch(cfg, params, task, target_qs), None)
         return cfg, params, target_qs, networks.embed(cfg, params, task)
 
-    def seq(e, T):
-        return None if e is None else jnp.broadcast_to(e, (T,) + e.shape)
+    seq = distill_terms.broadcast_time  # (E...) -> (T, E...); None stays None
 
     def world_model(params, target_qs, batch: Batch, key, teacher_params=None):
         k_pi, k_qsel, k_drop = jax.random.split(key, 3)
