@@ -30,6 +30,11 @@ flags.DEFINE_integer("horizon", 3, "planning horizon")
 flags.DEFINE_integer("workers", 0, "environment worker processes (0: step in this process)")
 flags.DEFINE_integer("chunk", 0, "MPPI problems planned together per vmapped chunk (0: the backend's default, "
                      "4 on a CPU, all problems on an accelerator); results do not depend on it")
+flags.DEFINE_integer("parts", 1, "overlap planning with environment stepping: plan one of PARTS groups of the "
+                     "problems while the previous group's environments step (same returns; pays with --workers "
+                     "or an accelerator)")
+flags.DEFINE_integer("devices", 1, "split the problems over this many local devices (0: all; same returns)")
+flags.DEFINE_string("compile_cache", None, "persistent XLA compilation cache directory (reused across runs)")
 flags.DEFINE_list("compare", None, "result directories to plot side by side instead of evaluating")
 flags.DEFINE_enum("runtime", "jax", ["jax", "onnx"], "act with the JAX planner or an exported ONNX agent")
 flags.DEFINE_string("onnx_dir", None, "with --runtime=onnx: a directory written by experiments/export.py")
@@ -39,7 +44,26 @@ cli.existing_path("checkpoint")
 cli.existing_path("onnx_dir", kind="dir")
 cli.task_list("tasks")
 cli.positive_int("episodes", "iterations", "num_samples", "num_elites", "horizon")
-cli.non_negative_int("num_pi_trajs", "workers", "chunk")
+cli.non_negative_int("num_pi_trajs", "workers", "chunk", "devices")
+cli.int_range("parts", lo=1, hi=64)
+
+
+def _check_devices(v):
+    import jax
+    have = jax.local_device_count()
+    if v > have:
+        raise ValueError(f"{v} devices requested, this process has {have} ({jax.default_backend()})")
+
+
+cli.rule("devices", _check_devices)
+
+
+def _check_cache(v):
+    if v and os.path.exists(v) and not os.path.isdir(v):
+        raise ValueError("exists and is not a directory")
+
+
+cli.rule("compile_cache", _check_cache)
 cli.seed("seed")
 cli.output("output", "eval")
 
@@ -105,7 +129,14 @@ def main(argv):
                              chunk=FLAGS.chunk)
     check_dims(agent, resolve_tasks(agent, FLAGS.tasks))  # the tasks fit the checkpoint, before any episode
     claim_output(FLAGS.output, "eval", FLAGS.overwrite)
-    res = evaluate(agent, FLAGS.tasks, FLAGS.episodes, FLAGS.seed, pcfg, FLAGS.eval_mode, FLAGS.workers, actor=actor)
+    if FLAGS.compile_cache:
+        import jax
+        jax.config.update("jax_compilation_cache_dir", FLAGS.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    import jax
+    devices = jax.local_devices()[:FLAGS.devices or None] if actor is None else None
+    res = evaluate(agent, FLAGS.tasks, FLAGS.episodes, FLAGS.seed, pcfg, FLAGS.eval_mode, FLAGS.workers, actor=actor,
+                   parts=FLAGS.parts, devices=devices)
     if actor is not None:
         res.update(runtime=f"onnx-{FLAGS.precision}", onnx_dir=FLAGS.onnx_dir)
     write_results(FLAGS.output, res)

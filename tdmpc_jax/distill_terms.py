@@ -241,6 +241,93 @@ def model_rollout(ctx: Context) -> LossResult:
     return r_ce + q_ce, {"distill_model_reward_ce": r_ce, "distill_model_q_ce": q_ce}, a_pi
 
 
+PLAN_SEQUENCES = 8  # imagined action sequences per dataset state (half policy-based, half MPPI-like noise)
+
+
+def _plan_rollouts(ctx: Context):
+    """Both models' own latent rollouts under the same imagined action sequences (shared by `plan_rollout`
+    and `plan_rank`, computed once per loss evaluation): from each dataset state (t=0), K=PLAN_SEQUENCES
+    sequences of the planning horizon (half the teacher policy's mean plus Gaussian noise of a random scale
+    in [0.05, 1], half clip(N(0, 2^2)) like MPPI's first iteration; masked to the task's action dims).
+    -> dict: student reward / Q logits per step and at the end (the teacher policy's action there), the
+    teacher's decoded values, and both models' planner returns G = sum_h gamma^h r_h + gamma^H Q_end."""
+    cached = ctx.__dict__.get("_plan_rollouts")
+    if cached is not None:
+        return cached
+    nw, tc, tp = ctx.networks, ctx.teacher_cfg, ctx.teacher_params
+    scfg, params = ctx.cfg, ctx.params
+    H, K = ctx.tcfg.horizon, PLAN_SEQUENCES
+    sg = jax.lax.stop_gradient
+    k_sig, k_eps = jax.random.split(jax.random.fold_in(ctx.key, 0x706C616E))
+
+    def tile(x):
+        return None if x is None else jnp.broadcast_to(x, (K,) + x.shape)
+
+    z_s, e_s = tile(ctx.z0), tile(ctx.emb)
+    z_t, e_t = sg(tile(ctx.t_z)), tile(ctx.t_emb)
+    mask = tile(ctx.mask)
+    gamma = nw.discounts(tc)[ctx.batch.task] if tc.multitask else nw.discounts(tc)[0]
+    sig = jnp.exp(jax.random.uniform(k_sig, (K, 1, 1), minval=jnp.log(0.05), maxval=0.0))
+    on_pi = (jnp.arange(K) % 2 == 0)[:, None, None]
+    eps = jax.random.normal(k_eps, (H,) + mask.shape)
+    out = {"r_logits": [], "q_logits": [], "r_t": [], "q_t": []}
+    g_s = g_t = 0.0
+    disc = jnp.ones_like(gamma)
+    for h in range(H):
+        a_pi = sg(jnp.tanh(nw.pi_dist(tc, tp, z_t, e_t, mask)[0]))
+        a = jnp.clip(jnp.where(on_pi, a_pi + sig * eps[h], 2.0 * eps[h]), -1.0, 1.0) * mask
+        r_t = sg(nw.reward(tc, tp, z_t, a, e_t))
+        r_logits = nw.reward_logits(scfg, params, z_s, a, e_s)
+        out["r_logits"].append(r_logits)
+        out["r_t"].append(r_t)
+        out["q_logits"].append(nw.q_logits(scfg, params["qs"], z_s, a, e_s))
+        out["q_t"].append(sg(nw.q_values(tc, tp["qs"], z_t, a, e_t).mean(0)))
+        g_t = g_t + disc * r_t
+        g_s = g_s + disc * tmath.two_hot_inv(r_logits, scfg.vmin, scfg.vmax)
+        disc = disc * gamma
+        z_t = sg(nw.next_latent(tc, tp, z_t, a, e_t))
+        z_s = nw.next_latent(scfg, params, z_s, a, e_s)
+    a_end = sg(jnp.tanh(nw.pi_dist(tc, tp, z_t, e_t, mask)[0]))
+    out["q_end_t"] = sg(nw.q_values(tc, tp["qs"], z_t, a_end, e_t).mean(0))
+    out["q_end_logits"] = nw.q_logits(scfg, params["qs"], z_s, a_end, e_s)
+    out["g_t"] = g_t + disc * out["q_end_t"]
+    out["g_s"] = g_s + disc * tmath.two_hot_inv(out["q_end_logits"], scfg.vmin, scfg.vmax).mean(0)
+    ctx.__dict__["_plan_rollouts"] = out
+    return out
+
+
+def plan_rollout(ctx: Context) -> LossResult:
+    """What MPPI scores, matched on the sequences MPPI samples (`_plan_rollouts`): the student's reward and
+    Q logits at every imagined step of its own rollout, and its Q at the end of the horizon, take soft
+    cross-entropy to the teacher's decoded values along the teacher's rollout (rho^t weighted). Unlike
+    `model_rollout`, whose off-data actions are one step away from the data's own latent path, the
+    student's dynamics are trained where the planner drives them: multi-step, off-data."""
+    r = _plan_rollouts(ctx)
+    nb, lo, hi = ctx.cfg.num_bins, ctx.cfg.vmin, ctx.cfg.vmax
+    r_ce = q_ce = 0.0
+    for h in range(len(r["r_t"])):
+        r_ce += ctx.rho[h] * tmath.soft_ce(r["r_logits"][h], r["r_t"][h], nb, lo, hi).mean()
+        q_ce += ctx.rho[h] * tmath.soft_ce(r["q_logits"][h], r["q_t"][h][None], nb, lo, hi).mean()
+    q_ce += ctx.rho[len(r["r_t"])] * tmath.soft_ce(r["q_end_logits"], r["q_end_t"][None], nb, lo, hi).mean()
+    w = jnp.sum(ctx.rho)
+    r_ce, q_ce = r_ce / w, q_ce / w
+    return r_ce + q_ce, {"distill_plan_reward_ce": r_ce, "distill_plan_q_ce": q_ce}, None
+
+
+def plan_rank(ctx: Context) -> LossResult:
+    """MPPI ranks sequences by their planner return and weights elites by exp(temperature x (G - max G)):
+    only differences between the sequences of one state matter, and they are small next to the value
+    (cartpole-balance: Q ~ 100, one step's action changes it by ~1, 1/20 of a two-hot bin in symlog
+    space, which a soft cross-entropy barely sees). This term matches those differences directly: the
+    MSE between the student's and the teacher's planner returns centred over the K sequences of each
+    state (raw return units, as the planner's softmax sees them)."""
+    r = _plan_rollouts(ctx)
+    d_s = r["g_s"] - r["g_s"].mean(0, keepdims=True)
+    d_t = r["g_t"] - r["g_t"].mean(0, keepdims=True)
+    mse = jnp.mean((d_s - d_t) ** 2)
+    return mse, {"distill_plan_rank_mse": mse, "distill_plan_rank_spread": jnp.mean(jnp.abs(d_t))}, None
+
+
 def dataset_action(ctx: Context) -> LossResult:
     """The teacher's own (planner) actions stored in the dataset, t < H, as the policy's targets."""
     return None, {}, ctx.batch.action
@@ -259,6 +346,10 @@ for _term in (
                 "teacher-policy and random actions (what MPPI reads)", model_rollout, policy_target=True),
     DistillTerm("distill_action_coef", "action_coef", "policy mean vs the dataset's (teacher-collected) actions",
                 dataset_action, policy_target=True),
+    DistillTerm("distill_plan_coef", "plan_coef", "rewards and Q values along both models' own rollouts under "
+                "imagined MPPI-like action sequences (what the planner scores)", plan_rollout),
+    DistillTerm("distill_plan_rank_coef", "plan_rank_coef", "differences between the planner returns of "
+                "imagined action sequences from one state (what MPPI's elite weights depend on)", plan_rank),
 ):
     register_term(_term)
 del _term

@@ -55,8 +55,13 @@ def check_dims(agent: Agent, tasks: Sequence[str]):
 
 def run_episodes(agent: Agent, slots: Sequence[tuple], pcfg: PlannerConfig, seed: int = 1,
                  eval_mode: bool = True, num_workers: int = 0, progress: bool = True,
-                 record_actions: bool = False, on_step=None, actor=None, timing=None):
+                 record_actions: bool = False, on_step=None, actor=None, timing=None, parts: int = 1,
+                 devices=None):
     """Play every slot (task, env_seed, episode_index) to the end in lock-step. -> (returns, actions).
+
+    parts > 1: overlap planning with environment stepping (`rollout.rollout(parts=...)`: the same
+    returns; it pays with env workers or an accelerator). devices: split the problems over these devices
+    (`planner.act_sharded`; the same returns as one device).
 
     on_step(t, obs, actions, rewards, next_obs, dones), if given, sees every lock-step transition.
     actor, if given, acts instead of the JAX planner (a `rollout` actor, e.g. an exported agent's
@@ -65,7 +70,7 @@ def run_episodes(agent: Agent, slots: Sequence[tuple], pcfg: PlannerConfig, seed
     """
     cfg = agent.config
     if actor is None:
-        actor = rollout.make_actor(cfg, pcfg, eval_mode)
+        actor = rollout.make_actor(cfg, pcfg, eval_mode, devices=devices)
     params = jax.tree_util.tree_map(jnp.asarray, agent.params)
     task_ids = jnp.asarray([cfg.task_index(t) if cfg.multitask else 0 for t, _, _ in slots], jnp.int32)
     n = len(slots)
@@ -83,7 +88,8 @@ def run_episodes(agent: Agent, slots: Sequence[tuple], pcfg: PlannerConfig, seed
     with bar, BatchedEnv.for_episodes(slots, num_workers=num_workers, obs_dim=cfg.obs_dim,
                                  action_dim=cfg.action_dim) as env:
         returns = rollout.rollout(env, actor, params, task_ids, length, rollout.fold_in_keys(seed),
-                                  state=planner.init_state(cfg, pcfg, n), on_step=hook, timing=timing)
+                                  state=planner.init_state(cfg, pcfg, n), on_step=hook, timing=timing,
+                                  parts=parts)
     return returns, (np.stack(actions_log, 1) if record_actions else None)
 
 
@@ -112,9 +118,10 @@ def summarize(per_task_returns: Dict[str, np.ndarray]) -> dict:
 
 
 def evaluate(agent: Agent, tasks, episodes: int = 10, seed: int = 1, pcfg: Optional[PlannerConfig] = None,
-             eval_mode: bool = True, num_workers: int = 0, progress: bool = True, actor=None) -> dict:
+             eval_mode: bool = True, num_workers: int = 0, progress: bool = True, actor=None, parts: int = 1,
+             devices=None) -> dict:
     """Evaluate `episodes` episodes of each task, all batched; returns the results dict (`actor`: a
-    `tdmpc_jax.rollout` actor instead of the JAX planner, see `run_episodes`)."""
+    `tdmpc_jax.rollout` actor instead of the JAX planner; `parts`, `devices`: see `run_episodes`)."""
     pcfg = pcfg or PlannerConfig()
     if episodes < 1:
         raise ValueError("episodes must be >= 1")
@@ -124,7 +131,7 @@ def evaluate(agent: Agent, tasks, episodes: int = 10, seed: int = 1, pcfg: Optio
     t0 = time.perf_counter()
     timing = {}
     returns, _ = run_episodes(agent, slots, pcfg, seed, eval_mode, num_workers, progress, actor=actor,
-                              timing=timing)
+                              timing=timing, parts=parts, devices=devices)
     wall = time.perf_counter() - t0
     per_task = {t: returns[i * episodes:(i + 1) * episodes] for i, t in enumerate(tasks)}
     out = summarize(per_task)
@@ -135,5 +142,6 @@ def evaluate(agent: Agent, tasks, episodes: int = 10, seed: int = 1, pcfg: Optio
                        timing["act_s"], "env_s": timing["env_s"], "hooks_s": timing["hook_s"],
                        "setup_s (envs, params)": wall - timing["act_first_s"] - timing["act_s"]
                        - timing["env_s"] - timing["hook_s"], "lockstep_steps": timing["steps"],
-                       "workers": num_workers})
+                       "workers": num_workers, "parts": parts,
+                       "devices": len(devices) if devices is not None else 1})
     return out

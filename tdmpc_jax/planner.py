@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tdmpc_jax import scalar_math as tmath
 from tdmpc_jax import networks
@@ -56,10 +57,12 @@ class PlannerConfig:
     def chunk_for(self, problems: int, backend: str) -> int:
         """Problems per vmapped chunk: `chunk` if set, else CPU_CHUNK on a CPU (the samples x width
         activations of a few problems stay in cache) and every problem at once on an accelerator (one
-        launch per step instead of problems / 4: 2.7x more actions/s on an H100 at 300 problems)."""
+        launch per step instead of problems / 4: 2.7x more actions/s on an H100 at 300 problems). Not
+        clamped to `problems`: fewer problems than a chunk are vmapped as lax.map vmaps a ragged last
+        chunk, so a subset of a batch planned apart runs the whole batch's program (same actions)."""
         if self.chunk:
-            return min(self.chunk, problems)
-        return min(CPU_CHUNK if backend == "cpu" else problems, problems)
+            return self.chunk
+        return CPU_CHUNK if backend == "cpu" else problems
 
     def iterations_for(self, action_dim: int) -> int:
         return self.iterations + (2 if action_dim >= 20 else 0)
@@ -311,15 +314,69 @@ def act(cfg, pcfg, params, obs, task, state, t0, key, eval_mode=True):
     return policy_act(cfg, params, obs, task, key, eval_mode), state
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 8))
-def act_batch(cfg, pcfg, params, obs, task, state, t0, key, eval_mode=True):
-    """`act` vmapped over independent problems: obs (B, O), task (B,), state (B, H, A), t0 (B,)."""
-    keys = jax.random.split(key, obs.shape[0])
+def _act_problems(cfg, pcfg, params, obs, task, state, t0, keys, eval_mode):
+    """`act` over independent problems, one key each: obs (B, O), task (B,), state (B, H, A), t0 (B,),
+    keys (B, 2). A problem's result depends on its own inputs only (chunks are vmapped)."""
     fn = lambda o, t, s, f, k: act(cfg, pcfg, params, o, t, s, f, k, eval_mode)
     if not pcfg.mpc:
         return jax.vmap(fn)(obs, task, state, t0, keys)
     # all problems at once would stream (B x samples x width) activations through memory
-    return jax.lax.map(lambda a: fn(*a), (obs, task, state, t0, keys), batch_size=pcfg.chunk_for(obs.shape[0], jax.default_backend()))
+    return jax.lax.map(lambda a: fn(*a), (obs, task, state, t0, keys),
+                       batch_size=pcfg.chunk_for(obs.shape[0], jax.default_backend()))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 8))
+def act_batch(cfg, pcfg, params, obs, task, state, t0, key, eval_mode=True):
+    """`act` vmapped over independent problems: obs (B, O), task (B,), state (B, H, A), t0 (B,); the
+    step's key is split over the B problems (problem i acts with `jax.random.split(key, B)[i]`)."""
+    return _act_problems(cfg, pcfg, params, obs, task, state, t0, jax.random.split(key, obs.shape[0]), eval_mode)
+
+
+act_keys = jax.jit(_act_problems, static_argnums=(0, 1, 8))
+act_keys.__doc__ = """`act` over problems with one key per problem (keys (B, 2)): any subset of a batch, acted with its
+rows of `jax.random.split(key, B)`, gives those problems' `act_batch` results (the overlapped evaluator)."""
+
+
+def split_problems(n: int, parts: int, align: int = 1):
+    """Contiguous index groups of n problems, at most `parts`, near-equal, each a multiple of `align`
+    problems except the last: a group then forms the same vmapped chunks as the whole batch does (the
+    same float rounding: bit-identical actions)."""
+    starts = [align * int(c[0]) for c in np.array_split(np.arange(-(-n // align)), parts) if len(c)]
+    return [np.arange(a, b) for a, b in zip(starts, starts[1:] + [n])]
+
+
+def group_align(pcfg: PlannerConfig) -> int:
+    """The problems per chunk that `act_keys` forms on this backend whatever the batch size (1 where it
+    vmaps all problems at once: groups then differ from the whole batch by float32 rounding only)."""
+    if not pcfg.mpc:
+        return 1
+    return pcfg.chunk or (CPU_CHUNK if jax.default_backend() == "cpu" else 1)
+
+
+def replicate(params, devices):
+    """One copy of `params` per device (for `act_sharded`; transfer them once, not at every step)."""
+    return tuple(jax.device_put(params, d) for d in devices)
+
+
+def act_sharded(cfg, pcfg, params, obs, task, state, t0, keys, eval_mode=True, devices=None):
+    """`act_keys` with the problems split into contiguous, near-equal groups (`split_problems`, aligned to
+    the chunk), one per device (default: every local device), each group planned by the one-device program on its device (dispatch is
+    asynchronous: the devices run at once). A problem's result is bit-identical to `act_keys` on one
+    device for the same group shapes (the program is the same; a `shard_map` of it is not: XLA's SPMD
+    compilation changes float rounding, ~1e-6 per action, which 500-step episodes amplify into different
+    returns). params: a pytree (copied to the devices at every call) or `replicate(params, devices)`.
+    The results are gathered on the first device (asynchronously)."""
+    devices = tuple(devices or jax.local_devices())
+    if not (isinstance(params, tuple) and len(params) == len(devices)):
+        params = replicate(params, devices)
+    groups = split_problems(obs.shape[0], len(devices), group_align(pcfg))
+    outs = []
+    for dev, p, g in zip(devices, params, groups):
+        xs = jax.tree_util.tree_map(lambda x: x[g[0]:g[-1] + 1], (obs, task, state, t0, keys))
+        outs.append(act_keys(cfg, pcfg, p, *jax.device_put(xs, dev), eval_mode))
+    if len(outs) == 1:
+        return outs[0]
+    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate([jax.device_put(x, devices[0]) for x in xs]), *outs)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 8))

@@ -34,15 +34,37 @@ Actor = Callable[..., tuple]  # (params, obs, task, state, t0, key) -> (actions,
 OnStep = Callable[[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
 
 
-def make_actor(cfg: ModelConfig, pcfg: PlannerConfig, eval_mode: bool = True, batched: bool = True) -> Actor:
+def make_actor(cfg: ModelConfig, pcfg: PlannerConfig, eval_mode: bool = True, batched: bool = True,
+               devices=None) -> Actor:
     """The JAX planner as an actor (`planner.act_batch`: the step's key is split over the n problems).
 
+    The batched actor also has `actor.act_keys(params, obs, task, state, t0, keys (n, 2))`: the same with
+    one key per problem, for any subset of the batch (`rollout(..., parts=2)` plans one half while the
+    other half's environments step). devices: more than one device splits the problems over them
+    (`planner.act_sharded`); each problem's result is the one-device result.
     batched=False: one problem (n == 1) acted by `planner.act_one` with the step's key as is and an
     unbatched state (H, A), as a single-environment loop acts (rendering)."""
     if batched:
+        devs = tuple(devices) if devices is not None and len(devices) > 1 else None
+
+        copies = {}  # the last params object and its per-device copies: transferred once, not per step
+
+        def act_keys(params, obs, task, state, t0, keys):
+            if not devs:
+                return planner.act_keys(cfg, pcfg, params, jnp.asarray(obs), jnp.asarray(task), state,
+                                        jnp.asarray(t0), keys, eval_mode)
+            if copies.get("id") is not params:
+                copies.update(id=params, per_device=planner.replicate(params, devs))
+            return planner.act_sharded(cfg, pcfg, copies["per_device"], jnp.asarray(obs), jnp.asarray(task), state,
+                                       jnp.asarray(t0), keys, eval_mode, devices=devs)
+
         def actor(params, obs, task, state, t0, key):
+            if devs:
+                return act_keys(params, obs, task, state, t0, jax.random.split(key, len(obs)))
             return planner.act_batch(cfg, pcfg, params, jnp.asarray(obs), jnp.asarray(task), state,
                                      jnp.asarray(t0), key, eval_mode)
+        actor.act_keys = act_keys
+        actor.align = planner.group_align(pcfg)
     else:
         def actor(params, obs, task, state, t0, key):
             if len(obs) != 1:
@@ -69,7 +91,7 @@ def fold_in_keys(seed: int) -> Callable[[int], Any]:
 
 def rollout(env: BatchedEnv, actor: Actor, params, task, length: int, keys: Callable[[int], Any], *,
             state=None, on_step: Optional[OnStep] = None, obs: Optional[np.ndarray] = None,
-            until_done: bool = True, timing: Optional[dict] = None) -> np.ndarray:
+            until_done: bool = True, timing: Optional[dict] = None, parts: int = 1) -> np.ndarray:
     """Reset `env` (unless its reset observations `obs` are given) and play up to `length` lock-step
     steps -> each slot's return (n,) float64.
 
@@ -80,7 +102,16 @@ def rollout(env: BatchedEnv, actor: Actor, params, task, length: int, keys: Call
     timing: a dict that receives where the wall time went, in seconds: "act_first_s" (step 0's actor
     call: compilation included), "act_s" (the other steps' actor calls until the actions are on the host:
     planning and transfer), "env_s" (stepping the environments), "hook_s" (on_step), "steps".
+    parts > 1: the overlapped loop (`_rollout_parts`): the slots are split into `parts` groups and
+    while one group's environments step, the actor plans for the next group (JAX dispatch is
+    asynchronous); the same transitions and returns as parts=1 for an actor with `act_keys`, whose
+    problem i always acts with row i of `jax.random.split(keys(t), n)` (groups are aligned to the
+    planner's chunk, `actor.align`; on an accelerator, which plans all problems in one chunk, the
+    groups' actions may differ from the whole batch's by float32 rounding). params must not be a function.
     """
+    if parts > 1:
+        return _rollout_parts(env, actor, params, task, length, keys, state, on_step, obs, until_done, timing,
+                              parts)
     clock = time.perf_counter
     tm = {"act_first_s": 0.0, "act_s": 0.0, "env_s": 0.0, "hook_s": 0.0, "steps": 0}
     if obs is None:
@@ -94,8 +125,7 @@ def rollout(env: BatchedEnv, actor: Actor, params, task, length: int, keys: Call
         act = np.asarray(act)
         c1 = clock()
         tm["act_first_s" if t == 0 else "act_s"] += c1 - c0
-        if not np.all(np.isfinite(act)):
-            raise FloatingPointError(f"the actor produced non-finite actions at step {t}")
+        _check_finite(act, t)
         next_obs, rew, done = env.step(act)
         c2 = clock()
         tm["env_s"] += c2 - c1
@@ -103,6 +133,71 @@ def rollout(env: BatchedEnv, actor: Actor, params, task, length: int, keys: Call
         if on_step is not None:
             on_step(t, obs, act, rew, next_obs, done)
         tm["hook_s"] += clock() - c2
+        tm["steps"] += 1
+        obs = next_obs
+        if until_done and done.all():
+            break
+    if timing is not None:
+        timing.update(tm)
+    return returns
+
+
+def _check_finite(act, t):
+    if not np.all(np.isfinite(act)):
+        raise FloatingPointError(f"the actor produced non-finite actions at step {t}")
+
+
+def _rollout_parts(env, actor, params, task, length, keys, state, on_step, obs, until_done, timing, parts):
+    """The overlapped lock-step loop: per step, for each group g in turn: wait for g's actions (planned
+    while the previous group's environments stepped), step g's environments, dispatch g's next plan.
+    The device plans group g+1 while the host steps group g. timing: "act_s" is the time spent waiting
+    for actions (planning not hidden behind stepping), "env_s" stepping, as in `rollout`."""
+    act_keys = getattr(actor, "act_keys", None)
+    if act_keys is None:
+        raise ValueError("rollout(parts > 1) needs an actor with per-problem keys (`make_actor`)")
+    if callable(params):
+        raise ValueError("rollout(parts > 1) plans ahead: params must be fixed, not a function")
+    clock = time.perf_counter
+    tm = {"act_first_s": 0.0, "act_s": 0.0, "env_s": 0.0, "hook_s": 0.0, "steps": 0}
+    if obs is None:
+        obs = env.reset()
+    n = len(obs)
+    groups = planner.split_problems(n, parts, getattr(actor, "align", 1))
+    task = jnp.asarray(task)
+    states = [jax.tree_util.tree_map(lambda x: x[g], state) for g in groups]
+    returns = np.zeros(n, np.float64)
+
+    def dispatch(i, t, o, step_keys):
+        g = groups[i]
+        a, states[i] = act_keys(params, o, task[g], states[i], jnp.full((len(g),), t == 0), step_keys[g])
+        return a
+
+    step_keys = jax.random.split(keys(0), n)
+    c0 = clock()
+    pending = [dispatch(i, 0, obs[g], step_keys) for i, g in enumerate(groups)]
+    for t in range(length):
+        act = np.zeros((n, env.action_dim), np.float32)
+        next_obs = np.zeros_like(obs)
+        rew, done = np.zeros(n, np.float32), np.zeros(n, bool)
+        next_keys = jax.random.split(keys(t + 1), n) if t + 1 < length else None
+        for i, g in enumerate(groups):
+            a = np.asarray(pending[i])
+            c1 = clock()
+            tm["act_first_s" if t == 0 else "act_s"] += c1 - c0
+            _check_finite(a, t)
+            act[g] = a
+            env.step_async(a, g)
+            next_obs[g], rew[g], done[g] = env.step_wait()
+            c0 = clock()
+            tm["env_s"] += c0 - c1
+            if next_keys is not None:
+                pending[i] = dispatch(i, t + 1, next_obs[g], next_keys)
+        returns += rew
+        c2 = clock()
+        if on_step is not None:
+            on_step(t, obs, act, rew, next_obs, done)
+        c0 = clock()
+        tm["hook_s"] += c0 - c2
         tm["steps"] += 1
         obs = next_obs
         if until_done and done.all():
