@@ -34,7 +34,6 @@ flags.DEFINE_integer("parts", 1, "overlap planning with environment stepping: pl
                      "problems while the previous group's environments step (same returns; pays with --workers "
                      "or an accelerator)")
 flags.DEFINE_integer("devices", 1, "split the problems over this many local devices (0: all; same returns)")
-flags.DEFINE_string("compile_cache", None, "persistent XLA compilation cache directory (reused across runs)")
 flags.DEFINE_list("compare", None, "result directories to plot side by side instead of evaluating")
 flags.DEFINE_enum("runtime", "jax", ["jax", "onnx"], "act with the JAX planner or an exported ONNX agent")
 flags.DEFINE_string("onnx_dir", None, "with --runtime=onnx: a directory written by experiments/export.py")
@@ -57,13 +56,6 @@ def _check_devices(v):
 
 cli.rule("devices", _check_devices)
 
-
-def _check_cache(v):
-    if v and os.path.exists(v) and not os.path.isdir(v):
-        raise ValueError("exists and is not a directory")
-
-
-cli.rule("compile_cache", _check_cache)
 cli.seed("seed")
 cli.output("output", "eval")
 
@@ -129,10 +121,6 @@ def main(argv):
                              chunk=FLAGS.chunk)
     check_dims(agent, resolve_tasks(agent, FLAGS.tasks))  # the tasks fit the checkpoint, before any episode
     claim_output(FLAGS.output, "eval", FLAGS.overwrite)
-    if FLAGS.compile_cache:
-        import jax
-        jax.config.update("jax_compilation_cache_dir", FLAGS.compile_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     import jax
     devices = jax.local_devices()[:FLAGS.devices or None] if actor is None else None
     res = evaluate(agent, FLAGS.tasks, FLAGS.episodes, FLAGS.seed, pcfg, FLAGS.eval_mode, FLAGS.workers, actor=actor,

@@ -192,8 +192,6 @@ CASES = [
     ("evaluate", C + ["--tasks=cartpole-balance", "--output={new}", "--devices=5"], "5 devices requested, this "
      "process has"),
     ("evaluate", C + ["--tasks=cartpole-balance", "--output={new}", "--parts=0"], "--parts=0"),
-    ("evaluate", C + ["--tasks=cartpole-balance", "--output={new}", "--compile_cache={file}"], "exists and is not a "
-     "directory"),
     ("evaluate", C + ["--tasks=bogus", "--output={new}"], "unknown task 'bogus'"),
     ("evaluate", C + ["--tasks=mw-reach", "--output={new}"], "Meta-World"),
     ("evaluate", C + ["--tasks=cup-catch", "--output={new}"], "not in the checkpoint's task set"),

@@ -110,7 +110,8 @@ def test_fused_update_follows_the_plain_update(case):
         tc = small_cfg(latent_dim=24, mlp_dim=40, task_dim=6)
         teacher = (tc, random_params(tc, 7)[0])
         kw.update(distill_coef=0.4, distill_q_coef=0.1, distill_policy_coef=0.2, distill_reward_kl_coef=0.3,
-                  distill_value_coef=0.1, distill_action_coef=0.2)
+                  distill_value_coef=0.1, distill_action_coef=0.2,
+                  distill_extra=(("distill_plan_coef", 0.3), ("distill_plan_rank_coef", 0.2)))
     tcfg = TrainConfig(**kw)
     params, target = random_params(cfg, 0)
     fused = _run(cfg, tcfg, params, target, 3, teacher)
