@@ -127,16 +127,28 @@ def rollout(env: BatchedEnv, actor: Actor, params, task, length: int, keys: Call
         tm["act_first_s" if t == 0 else "act_s"] += c1 - c0
         _check_finite(act, t)
         next_obs, rew, done = env.step(act)
-        c2 = clock()
-        tm["env_s"] += c2 - c1
-        returns += rew
-        if on_step is not None:
-            on_step(t, obs, act, rew, next_obs, done)
-        tm["hook_s"] += clock() - c2
-        tm["steps"] += 1
+        tm["env_s"] += clock() - c1
+        _, stop = _end_step(on_step, tm, clock, returns, until_done, t, obs, act, rew, next_obs, done)
         obs = next_obs
-        if until_done and done.all():
+        if stop:
             break
+    return _report(timing, tm, returns)
+
+
+def _end_step(on_step, tm, clock, returns, until_done, *transition):
+    """After a step (t, obs, actions, rewards, next_obs, dones): add the rewards to `returns`, call
+    on_step, count the step and the hook's time -> (the clock after, whether the loop stops)."""
+    returns += transition[3]
+    c = clock()
+    if on_step is not None:
+        on_step(*transition)
+    end = clock()
+    tm["hook_s"] += end - c
+    tm["steps"] += 1
+    return end, until_done and bool(transition[5].all())
+
+
+def _report(timing, tm, returns):
     if timing is not None:
         timing.update(tm)
     return returns
@@ -192,16 +204,8 @@ def _rollout_parts(env, actor, params, task, length, keys, state, on_step, obs, 
             tm["env_s"] += c0 - c1
             if next_keys is not None:
                 pending[i] = dispatch(i, t + 1, next_obs[g], next_keys)
-        returns += rew
-        c2 = clock()
-        if on_step is not None:
-            on_step(t, obs, act, rew, next_obs, done)
-        c0 = clock()
-        tm["hook_s"] += c0 - c2
-        tm["steps"] += 1
+        c0, stop = _end_step(on_step, tm, clock, returns, until_done, t, obs, act, rew, next_obs, done)
         obs = next_obs
-        if until_done and done.all():
+        if stop:
             break
-    if timing is not None:
-        timing.update(tm)
-    return returns
+    return _report(timing, tm, returns)
