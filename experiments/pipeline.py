@@ -5,6 +5,7 @@
 Every stage skips work already done in --output (a killed run restarts where it stopped; training
 resumes from its last checkpoint). Results: OUT/table.md, OUT/results.json, OUT/compare.png.
 """
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -30,6 +31,9 @@ flags.DEFINE_bool("mpc", True, "evaluate with MPPI (false: the policy prior, muc
 flags.DEFINE_integer("iterations", 4, "MPPI iterations for the evaluation (official: 6)")
 flags.DEFINE_integer("num_samples", 256, "MPPI samples for the evaluation (official: 512)")
 flags.DEFINE_integer("seed", 1, "seed")
+flags.DEFINE_float("td_coef", 0.0, "weight of the distilled student's own TD value loss (the scratch student's "
+                   "is the official 0.1); 0: its Q values learn from the teacher alone, through the distillation terms")
+flags.DEFINE_integer("jobs", 2, "agents evaluated at once (threads)")
 flags.DEFINE_integer("onpolicy_rounds", 0,
                      "on-policy distillation rounds: the updates are split into rounds+1 equal phases; after each "
                      "phase the distilled student collects --collect_episodes per task with its own MPPI "
@@ -39,10 +43,14 @@ cli.existing_path("teacher")
 cli.dataset_dir("data")
 cli.output("output", "pipeline")
 cli.positive_int("collect_episodes", "steps", "batch_size", "episodes", "iterations")
+cli.int_range("jobs", lo=1, hi=4)
+cli.finite_float("td_coef", lo=0)
 cli.int_range("onpolicy_rounds", lo=0, hi=10)
 cli.int_range("num_samples", lo=8)  # the evaluation keeps num_samples // 8 elites
 cli.size_spec("student_size")
-DISTILL_FLAGS = cli.distill_flags(coef=0.4, model_coef=1.0)
+# the default recipe (README "Does distillation work?"): the paper's reward term, the teacher policy's mean
+# as the policy's target, and what the planner scores along imagined MPPI-like action sequences
+DISTILL_FLAGS = cli.distill_flags(coef=0.4, policy_coef=1.0, plan_coef=1.0, plan_rank_coef=10.0)
 
 
 def _check_distill(v):
@@ -133,7 +141,8 @@ def main(argv):
         for name in STUDENTS:
             print(f"[3/5] training the {name} student (updates {FLAGS.steps * phase // (rounds + 1)}-{upto} of "
                   f"{FLAGS.steps}, {ds.num_episodes} episodes) ...", flush=True)
-            tcfg = TrainConfig(batch_size=FLAGS.batch_size, **cli.distill_coefficients(name == "distilled"))
+            extra = {"value_coef": FLAGS.td_coef} if name == "distilled" else {}
+            tcfg = TrainConfig(batch_size=FLAGS.batch_size, **cli.distill_coefficients(name == "distilled"), **extra)
             claim_output(os.path.join(out, name), "distill-run", FLAGS.overwrite)
             students[name], _ = train_offline(cfg, tcfg, ds, os.path.join(out, name), run,
                                               teacher if tcfg.uses_teacher else None)
@@ -144,13 +153,18 @@ def main(argv):
     print(f"[5/5] evaluating {len(agents)} agents x {len(tasks)} tasks x {FLAGS.episodes} episodes "
           f"({'MPPI ' + str(FLAGS.iterations) + 'x' + str(FLAGS.num_samples) if FLAGS.mpc else 'policy prior'}) ...",
           flush=True)
-    results = {}
-    for name, agent in agents.items():
+    def run(name):
         t0 = time.perf_counter()
-        results[name] = evaluate(agent, tasks, FLAGS.episodes, FLAGS.seed, pcfg, progress=False)
-        print(f"  {name}: normalized score {results[name]['normalized_score']:.1f} "
-              f"({time.perf_counter() - t0:.0f}s)", flush=True)
-        write_results(os.path.join(out, "eval", name), results[name])
+        res = evaluate(agents[name], tasks, FLAGS.episodes, FLAGS.seed, pcfg, progress=False)
+        print(f"  {name}: normalized score {res['normalized_score']:.1f} ({time.perf_counter() - t0:.0f}s)",
+              flush=True)
+        write_results(os.path.join(out, "eval", name), res)
+        return res
+
+    # the agents' evaluations are independent: --jobs threads (XLA runs without the GIL, so one agent's
+    # planning overlaps another's environment stepping); each result is the one a lone run gives
+    with concurrent.futures.ThreadPoolExecutor(FLAGS.jobs) as pool:
+        results = dict(zip(agents, pool.map(run, agents)))
     table = _table(results, agents, tasks)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table + "\n")
@@ -162,7 +176,7 @@ def main(argv):
     with open(os.path.join(out, "settings.json"), "w") as f:
         json.dump({k: getattr(FLAGS, k) for k in ("teacher", "data", "collect_episodes", "collect_mpc", "student_size",
                                                   "steps", "batch_size", "episodes", "mpc", "iterations",
-                                                  "num_samples", "seed", "onpolicy_rounds") + DISTILL_FLAGS}, f, indent=1)
+                                                  "num_samples", "seed", "onpolicy_rounds", "td_coef") + DISTILL_FLAGS}, f, indent=1)
     print(table)
     print(f"\nwrote {out}/table.md, results.json, compare.png")
 
