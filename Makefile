@@ -30,7 +30,8 @@ test:
 distill:
 	$(BIN)/python experiments/pipeline.py $(DISTILL_FLAGS)
 
-# the MT30 distillation study (resumable: rerun to continue; STAGE=2 for sizes/control/ablation)
+# the MT30 distillation study (resumable: rerun to continue; STAGE=2 for sizes/control/ablation, STAGE=3 for
+# make distill's planner-objective recipe)
 STAGE ?= 1
 study:
 	$(BIN)/python experiments/study.py --stage=$(STAGE)

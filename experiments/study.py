@@ -2,6 +2,7 @@
 
   python experiments/study.py --stage=1                 # main size: scratch vs reward vs best, 3 seeds
   python experiments/study.py --stage=2                 # other sizes, the 1.4M control, the ablation
+  python experiments/study.py --stage=3                 # make distill's planner-objective recipe, 3 seeds
   python experiments/study.py --report                  # tables + figures from the finished units
   python experiments/study.py --stage=1 --only=0.23M-best-s1   # one unit (e.g. on a GPU machine)
 Teacher: the released TD-MPC-Opt 1M student (checkpoints/td-mpc-opt, MIT). Rerunning skips finished
@@ -24,7 +25,8 @@ flags.DEFINE_string("output", os.path.join(REPO, "runs", "study"), "study direct
 flags.DEFINE_string("results", os.path.join(REPO, "docs", "results", "study"), "where --report writes")
 flags.DEFINE_string("teacher_mppi", os.path.join(REPO, "tests", "data", "reference", "released_1M_mppi_mt30_10ep.json"),
                     "the teacher's MPPI evaluation (results.json format): the reference line")
-flags.DEFINE_integer("stage", 1, "1: main comparison; 2: sizes, control, ablation")
+flags.DEFINE_integer("stage", 1, "1: main comparison; 2: sizes, control, ablation; 3: the planner-objective "
+                     "recipe of make distill at the main size")
 flags.DEFINE_list("only", [], "run only these units (names as in runs/, e.g. 0.23M-best-s1)")
 flags.DEFINE_bool("report", False, "rebuild the tables and figures from finished units, then exit")
 flags.DEFINE_integer("steps", 10_000, "updates per student")
@@ -35,7 +37,7 @@ flags.DEFINE_integer("pi_episodes", 10, "policy-prior evaluation episodes per ta
 flags.DEFINE_integer("eval_workers", 0, "environment worker processes per evaluation (0: step in-process)")
 cli.existing_path("teacher", "teacher_mppi")
 cli.positive_int("steps", "batch_size", "collect_episodes", "mppi_episodes", "pi_episodes")
-cli.int_range("stage", lo=1, hi=2)
+cli.int_range("stage", lo=1, hi=3)
 cli.int_range("eval_workers", lo=0, hi=256)
 cli.output("output", "study")
 cli.output("results", "study-results")
@@ -43,7 +45,7 @@ cli.output("results", "study-results")
 
 def _check_only(v):
     from tdmpc_jax.study import stage_units
-    names = [u.name for u in stage_units(v["stage"])] if v["stage"] in (1, 2) else []
+    names = [u.name for u in stage_units(v["stage"])] if v["stage"] in (1, 2, 3) else []
     bad = [n for n in v["only"] or [] if n not in names]
     if bad:
         raise ValueError(f"--only={','.join(v['only'])}: {bad[0]!r} is not a stage-{v['stage']} unit "

@@ -49,9 +49,22 @@ ARMS: Dict[str, Dict[str, float]] = {
     "reward+kl": {"distill_coef": 0.4, "distill_reward_kl_coef": 0.4},
     "all": {"distill_coef": 0.4, "distill_policy_coef": 1.0, "distill_q_coef": 0.1, "distill_reward_kl_coef": 0.4,
             "distill_model_coef": 1.0},
+    # stage 3: `make distill`'s planner-objective recipe (README), the student's Q from the teacher (no TD)
+    "plan": {"distill_coef": 0.4, "distill_policy_coef": 1.0, "distill_plan_coef": 1.0, "distill_plan_rank_coef": 10.0,
+             "value_coef": 0.0},
 }
 MAIN_ARMS = ("scratch", "reward", "best")
 ABLATION_ARMS = ("reward", "reward+policy", "reward+q", "reward+kl", "best", "all")
+STUDENT_ARMS = MAIN_ARMS + ("plan",)  # the main size's students committed as checkpoints by the report
+
+
+def train_config(arm: str, batch_size: int):
+    """An arm's TrainConfig: its distillation coefficients (any registered term) and, where given, the
+    student's own TD value-loss weight (`value_coef`)."""
+    from tdmpc_jax.config import TrainConfig
+    coefs = dict(ARMS[arm])
+    td = {"value_coef": coefs.pop("value_coef")} if "value_coef" in coefs else {}
+    return TrainConfig(batch_size=batch_size, **TrainConfig.distill_kwargs(coefs), **td)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,14 +91,17 @@ class Unit:
 
 def stage_units(stage: int) -> List[Unit]:
     """Stage 1: the main size, scratch vs reward vs best, 3 seeds (seed-major: a first answer early).
-    Stage 2: the other sizes (2 seeds), the 1.4M control and the ablation at the main size (3 seeds)."""
+    Stage 2: the other sizes (2 seeds), the 1.4M control and the ablation at the main size (3 seeds).
+    Stage 3: `make distill`'s planner-objective recipe ("plan") at the main size, 3 seeds."""
     if stage == 1:
         return [Unit(MAIN_SIZE, a, s) for s in (1, 2, 3) for a in MAIN_ARMS]
     if stage == 2:
         units = [Unit(z, a, s) for s in (1, 2) for z in SIZES if z != MAIN_SIZE for a in MAIN_ARMS]
         units += [Unit(MAIN_SIZE, a, s) for s in (1, 2, 3) for a in ABLATION_ARMS if a not in MAIN_ARMS]
         return units
-    raise ValueError(f"stage must be 1 or 2, got {stage}")
+    if stage == 3:
+        return [Unit(MAIN_SIZE, "plan", s) for s in (1, 2, 3)]
+    raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
 
 
 def git_commit(repo: str) -> str:
@@ -142,7 +158,7 @@ def run_unit(out: str, unit: Unit, teacher, dataset, scfg: StudyConfig, repo: st
              eval_workers: int = 0) -> dict:
     """Train and evaluate one unit, skipping what is already there; -> its DONE record. `eval_workers`
     environment processes step the evaluation episodes (same returns as in-process stepping)."""
-    from tdmpc_jax.config import TrainConfig, student_config
+    from tdmpc_jax.config import student_config
     from tdmpc_jax.offline import RunConfig, train_offline
     from tdmpc_jax.planner import PlannerConfig
     import tdmpc_jax
@@ -153,7 +169,7 @@ def run_unit(out: str, unit: Unit, teacher, dataset, scfg: StudyConfig, repo: st
     os.makedirs(d, exist_ok=True)
     cfg = student_config(SIZES[unit.size], teacher.config)
     coefs = ARMS[unit.arm]
-    tcfg = TrainConfig(batch_size=scfg.batch_size, **TrainConfig.distill_kwargs(coefs))  # any registered term
+    tcfg = train_config(unit.arm, scfg.batch_size)
     info = {"unit": dataclasses.asdict(unit), "dims": SIZES[unit.size], "coefficients": coefs,
             "steps": scfg.steps, "batch_size": scfg.batch_size, "git_commit": git_commit(repo),
             "study": dataclasses.asdict(scfg)}
@@ -255,7 +271,7 @@ def report(out: str, dest: str, teacher_mppi: dict, teacher_pi: Optional[dict], 
             {**rec, "mppi_tasks": {t: mppi["tasks"][t]["mean"] for t in tasks},
              "pi_tasks": {t: pi["tasks"][t]["mean"] for t in tasks}}, indent=1))
     for u, _, _, _ in units:  # the students of the main comparison, as Orbax checkpoints
-        if u.size == MAIN_SIZE and u.arm in MAIN_ARMS:
+        if u.size == MAIN_SIZE and u.arm in STUDENT_ARMS:
             target = os.path.join(dest, "students", u.name)
             if not os.path.exists(os.path.join(target, "DONE")):
                 atomic.replace_dir(target, lambda tmp, u=u: shutil.copytree(

@@ -87,6 +87,12 @@ def test_stages_and_bad_flags():
     s2 = study.stage_units(2)
     assert {u.size for u in s2} >= {"0.1M", "0.35M", "0.67M", "1.4M"}
     assert {u.arm for u in s2 if u.size == study.MAIN_SIZE} == {"reward+policy", "reward+q", "reward+kl", "all"}
+    assert [(u.arm, u.seed) for u in study.stage_units(3)] == [("plan", 1), ("plan", 2), ("plan", 3)]
+    for arm in study.ARMS:  # every arm is a valid TrainConfig
+        tc = study.train_config(arm, 32)
+        assert tc.uses_teacher == (arm != "scratch")
+    plan = study.train_config("plan", 32)
+    assert plan.value_coef == 0.0 and plan.coef("distill_plan_rank_coef") == 10.0
     r = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "study.py"), "--only=bogus-unit"],
                        capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode != 0
