@@ -348,9 +348,7 @@ def split_problems(n: int, parts: int, align: int = 1):
 def group_align(pcfg: PlannerConfig) -> int:
     """The problems per chunk that `act_keys` forms on this backend whatever the batch size (1 where it
     vmaps all problems at once: groups then differ from the whole batch by float32 rounding only)."""
-    if not pcfg.mpc:
-        return 1
-    return pcfg.chunk or (CPU_CHUNK if jax.default_backend() == "cpu" else 1)
+    return pcfg.chunk_for(1, jax.default_backend()) if pcfg.mpc else 1
 
 
 def replicate(params, devices):
@@ -358,20 +356,21 @@ def replicate(params, devices):
     return tuple(jax.device_put(params, d) for d in devices)
 
 
-def act_sharded(cfg, pcfg, params, obs, task, state, t0, keys, eval_mode=True, devices=None):
+def act_sharded(cfg, pcfg, params, obs, task, state, t0, keys, eval_mode=True, devices=None, device_params=None):
     """`act_keys` with the problems split into contiguous, near-equal groups (`split_problems`, aligned to
     the chunk), one per device (default: every local device), each group planned by the one-device program on its device (dispatch is
     asynchronous: the devices run at once). A problem's result is bit-identical to `act_keys` on one
     device for the same group shapes (the program is the same; a `shard_map` of it is not: XLA's SPMD
     compilation changes float rounding, ~1e-6 per action, which 500-step episodes amplify into different
-    returns). params: a pytree (copied to the devices at every call) or `replicate(params, devices)`.
-    The results are gathered on the first device (asynchronously)."""
+    returns). params are copied to the devices at every call unless `device_params`
+    (= `replicate(params, devices)`) is given. The results are gathered on the first device
+    (asynchronously)."""
     devices = tuple(devices or jax.local_devices())
-    if not (isinstance(params, tuple) and len(params) == len(devices)):
-        params = replicate(params, devices)
+    if device_params is None:
+        device_params = replicate(params, devices)
     groups = split_problems(obs.shape[0], len(devices), group_align(pcfg))
     outs = []
-    for dev, p, g in zip(devices, params, groups):
+    for dev, p, g in zip(devices, device_params, groups):
         xs = jax.tree_util.tree_map(lambda x: x[g[0]:g[-1] + 1], (obs, task, state, t0, keys))
         outs.append(act_keys(cfg, pcfg, p, *jax.device_put(xs, dev), eval_mode))
     if len(outs) == 1:

@@ -53,10 +53,11 @@ def make_actor(cfg: ModelConfig, pcfg: PlannerConfig, eval_mode: bool = True, ba
             if not devs:
                 return planner.act_keys(cfg, pcfg, params, jnp.asarray(obs), jnp.asarray(task), state,
                                         jnp.asarray(t0), keys, eval_mode)
-            if copies.get("id") is not params:
-                copies.update(id=params, per_device=planner.replicate(params, devs))
-            return planner.act_sharded(cfg, pcfg, copies["per_device"], jnp.asarray(obs), jnp.asarray(task), state,
-                                       jnp.asarray(t0), keys, eval_mode, devices=devs)
+            if copies.get("params") is not params:
+                copies.update(params=params, per_device=planner.replicate(params, devs))
+            return planner.act_sharded(cfg, pcfg, params, jnp.asarray(obs), jnp.asarray(task), state,
+                                       jnp.asarray(t0), keys, eval_mode, devices=devs,
+                                       device_params=copies["per_device"])
 
         def actor(params, obs, task, state, t0, key):
             if devs:

@@ -215,6 +215,8 @@ CASES = [
      "every distillation coefficient is 0"),
     ("pipeline", ["--output={new}", "--model_coef=-2"], "--model_coef=-2.0: must be >= 0"),
     ("pipeline", ["--output={new}", "--plan_rank_coef=-1"], "--plan_rank_coef=-1.0: must be >= 0"),
+    ("pipeline", ["--output={new}", "--td_coef=-0.1"], "--td_coef=-0.1: must be >= 0"),
+    ("pipeline", ["--output={new}", "--jobs=0"], "--jobs=0"),
     ("pipeline", ["--output={new}", "--coef=nan"], "must be a finite"),
     ("pipeline", ["--output={new}", "--student_size=1,2"], "three dims"),
     ("pipeline", ["--output={new}", "--tasks=bogus"], "unknown task 'bogus'"),
