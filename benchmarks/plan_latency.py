@@ -1,10 +1,12 @@
 """MPPI planning latency vs the fp32 roofline, for the MT30 1M and 5M shapes.
 
-  python benchmarks/plan_latency.py [--cores=1] [--batch=300] [--sizes=1,5]
+  python benchmarks/plan_latency.py [--cores=1] [--batch=300] [--sizes=1,5] [--chunks=0,4]
 Per size: ms per action for one problem (MPPI and policy prior), actions/s for a batch of `batch`
-problems, and both as multiples of the roofline (FLOPs of the plain official computation / the fp32
+problems with each of `chunks` (PlannerConfig.chunk; 0 = the backend's default, the first is the
+baseline of the ratios), and both as multiples of the roofline (FLOPs of the plain official computation / the fp32
 matmul peak measured in this run). Writes a JSON line at the end.
 """
+import dataclasses
 import json
 import sys
 
@@ -13,6 +15,7 @@ from absl import app, flags
 flags.DEFINE_integer("cores", 1, "CPU cores to use (pinned before JAX starts)")
 flags.DEFINE_integer("batch", 300, "problems in the batched measurement (0 skips it)")
 flags.DEFINE_list("sizes", ["1", "5"], "MT30 model sizes")
+flags.DEFINE_list("chunks", ["0"], "PlannerConfig.chunk values for the batched measurement (0: backend default)")
 flags.DEFINE_integer("repeats", 10, "timed repeats")
 FLAGS = flags.FLAGS
 
@@ -28,7 +31,7 @@ def main(_):
     from tdmpc_jax.config import make_model_config
 
     peak = matmul_peak_gflops()
-    print(f"jax {jax.__version__}, {FLAGS.cores} core(s); fp32 matmul peak {peak:.1f} GFLOP/s", flush=True)
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {FLAGS.cores} core(s); fp32 matmul peak {peak:.1f} GFLOP/s", flush=True)
     results = {"cores": FLAGS.cores, "matmul_peak_gflops": peak, "sizes": {}}
     pcfg = planner.PlannerConfig()
     for size in map(int, FLAGS.sizes):
@@ -57,12 +60,20 @@ def main(_):
             task_b = jnp.arange(B, dtype=jnp.int32) % cfg.num_tasks
             st_b = planner.init_state(cfg, pcfg, B)
             t0 = jnp.zeros((B,), bool)
-            fb = lambda k: planner.act_batch(cfg, pcfg, params, obs_b, task_b, st_b, t0, k)
-            bbest, _ = time_call(fb, jax.random.PRNGKey(4), repeats=max(2, FLAGS.repeats // 5), warmup=1)
-            r.update(batch=B, batch_actions_per_s=B / bbest,
-                     batch_fraction_of_peak=B * flops / bbest / 1e9 / peak)
-            print(f"  batch {B}: {B / bbest:.1f} actions/s, {r['batch_fraction_of_peak']:.0%} of the matmul peak "
-                  f"(plain FLOPs)", flush=True)
+            for i, chunk in enumerate(map(int, FLAGS.chunks)):
+                pc = dataclasses.replace(pcfg, chunk=chunk)
+                fb = lambda k: planner.act_batch(cfg, pc, params, obs_b, task_b, st_b, t0, k)
+                bbest, _ = time_call(fb, jax.random.PRNGKey(4), repeats=max(2, FLAGS.repeats // 5), warmup=1)
+                used = pc.chunk_for(B, jax.default_backend())
+                b = {"batch": B, "chunk": used, "batch_actions_per_s": B / bbest,
+                     "batch_fraction_of_peak": B * flops / bbest / 1e9 / peak}
+                if i == 0:
+                    r.update(b)
+                    base = B / bbest
+                else:
+                    r.setdefault("other_chunks", []).append(b)
+                print(f"  batch {B}, chunk {used}: {B / bbest:.1f} actions/s ({B / bbest / base:.2f}x the first), "
+                      f"{b['batch_fraction_of_peak']:.0%} of the matmul peak (plain FLOPs)", flush=True)
         results["sizes"][size] = r
     print(json.dumps(results))
 
