@@ -74,22 +74,24 @@ def run_episodes(agent: Agent, slots: Sequence[tuple], pcfg: PlannerConfig, seed
     params = jax.tree_util.tree_map(jnp.asarray, agent.params)
     task_ids = jnp.asarray([cfg.task_index(t) if cfg.multitask else 0 for t, _, _ in slots], jnp.int32)
     n = len(slots)
-    length = max(make(t, 0).episode_length for t in {s[0] for s in slots})
     actions_log = [] if record_actions else None
-    bar = Progress(length, "steps", desc=f"{n} envs  ", enabled=progress)  # lock-step steps of all n envs
 
-    def hook(t, obs, act, rew, next_obs, done):
-        if record_actions:
-            actions_log.append(act)
-        if on_step is not None:
-            on_step(t, obs, act, rew, next_obs, done)
-        bar.update()
-
-    with bar, BatchedEnv.for_episodes(slots, num_workers=num_workers, obs_dim=cfg.obs_dim,
+    with BatchedEnv.for_episodes(slots, num_workers=num_workers, obs_dim=cfg.obs_dim,
                                  action_dim=cfg.action_dim) as env:
-        returns = rollout.rollout(env, actor, params, task_ids, length, rollout.fold_in_keys(seed),
-                                  state=planner.init_state(cfg, pcfg, n), on_step=hook, timing=timing,
-                                  parts=parts)
+        length = int(env.episode_lengths.max())
+        bar = Progress(length, "steps", desc=f"{n} envs  ", enabled=progress)  # lock-step steps of all n envs
+
+        def hook(t, obs, act, rew, next_obs, done):
+            if record_actions:
+                actions_log.append(act)
+            if on_step is not None:
+                on_step(t, obs, act, rew, next_obs, done)
+            bar.update()
+
+        with bar:
+            returns = rollout.rollout(env, actor, params, task_ids, length, rollout.fold_in_keys(seed),
+                                      state=planner.init_state(cfg, pcfg, n), on_step=hook, timing=timing,
+                                      parts=parts)
     return returns, (np.stack(actions_log, 1) if record_actions else None)
 
 

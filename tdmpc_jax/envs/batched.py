@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from tdmpc_jax.envs.dmc import DMCEnv, make
+from tdmpc_jax.task_registry import find_task
 
 Slot = Tuple[str, int, int]  # task, seed, episode index
 
@@ -28,6 +29,14 @@ def _build(slots: Sequence[Slot]) -> List[DMCEnv]:
             env.reset()
         envs.append(env)
     return envs
+
+
+def _dims_of(task: str) -> Tuple[int, int, int]:
+    """(obs_dim, action_dim, episode_length): the registry's (nothing built), else a probe env's (an
+    unregistered dm_control suite task)."""
+    spec = find_task(task)
+    env = spec if spec is not None else make(task, 0)
+    return env.obs_dim, env.action_dim, env.episode_length
 
 
 class _Shard:
@@ -91,11 +100,20 @@ class _RemoteShard:
     """Envs stepped in a worker process; `send_*` returns at once, `recv` blocks."""
 
     def __init__(self, ctx, slots, obs_dim):
+        """Starts the worker and returns at once; `wait_ready` blocks until its envs are built (so many
+        workers start side by side: one after another, 14 workers took 64 s of a 115 s MT30 evaluation)."""
         self.conn, child = ctx.Pipe()
+        self.size = len(slots)
         self.proc = ctx.Process(target=_worker, args=(child, list(slots), obs_dim), daemon=True)
         self.proc.start()
         child.close()
-        if self.conn.recv() != "ready":
+
+    def wait_ready(self):
+        try:
+            ok = self.conn.recv() == "ready"
+        except EOFError:
+            ok = False
+        if not ok:
             raise RuntimeError("environment worker failed to start")
 
     def send_reset(self):
@@ -129,13 +147,15 @@ class BatchedEnv:
             if not envs:
                 raise ValueError("BatchedEnv needs at least one environment")
             obs_dims, action_dims = [e.obs_dim for e in envs], [e.action_dim for e in envs]
+            lengths = [e.episode_length for e in envs]
         else:
-            obs_dims, action_dims = _dims
+            obs_dims, action_dims, lengths = _dims
         self.obs_dim = obs_dim or max(obs_dims)
         self.action_dim = action_dim or max(action_dims)
         if max(obs_dims) > self.obs_dim or max(action_dims) > self.action_dim:
             raise ValueError("an environment's dims exceed the batch's padded dims")
         self.action_dims = np.asarray(action_dims)
+        self.episode_lengths = np.asarray(lengths)  # per env: its time limit in agent steps
         self.num = len(action_dims)
         self._shards = _shards if _shards is not None else [_Shard(list(envs), self.obs_dim)]
         sizes = [len(s.envs) if isinstance(s, _Shard) else s.size for s in self._shards]
@@ -147,17 +167,21 @@ class BatchedEnv:
     @classmethod
     def for_episodes(cls, slots: Sequence[Slot], num_workers: int = 0, obs_dim=None, action_dim=None):
         """slots: (task, seed, episode_index). num_workers > 0 steps shards in worker processes."""
-        probe = {t: make(t, 0) for t in {s[0] for s in slots}}
-        dims = ([probe[t].obs_dim for t, _, _ in slots], [probe[t].action_dim for t, _, _ in slots])
+        spec = {t: _dims_of(t) for t in {s[0] for s in slots}}
+        dims = tuple(list(d) for d in zip(*(spec[t] for t, _, _ in slots)))  # obs dims, action dims, lengths
         obs_dim = obs_dim or max(dims[0])
         if num_workers <= 0:
             return cls(_build(slots), obs_dim, action_dim)
         ctx = mp.get_context("spawn")
-        shards = []
-        for part in np.array_split(np.arange(len(slots)), min(num_workers, len(slots))):
-            sh = _RemoteShard(ctx, [slots[i] for i in part], obs_dim)
-            sh.size = len(part)
-            shards.append(sh)
+        shards = [_RemoteShard(ctx, [slots[i] for i in part], obs_dim)
+                  for part in np.array_split(np.arange(len(slots)), min(num_workers, len(slots)))]
+        try:
+            for sh in shards:
+                sh.wait_ready()
+        except BaseException:
+            for sh in shards:
+                sh.close()
+            raise
         return cls(obs_dim=obs_dim, action_dim=action_dim, _shards=shards, _dims=dims)
 
     @property
