@@ -92,6 +92,43 @@ def test_batched_equals_one_by_one(threads):
             assert np.float32(r) == rew_b[t][j]
 
 
+def test_workers_start_side_by_side_and_nothing_is_built_here(monkeypatch):
+    """Every worker process is started before the first is waited for (one after another, 14 workers took
+    64 s of a 115 s MT30 evaluation on an H100), and registered tasks' dims come from the registry: the
+    parent builds no env. A worker that fails to start is reported, and the others are closed."""
+    from tdmpc_jax.envs import batched
+    started, seen = [], []
+    init, wait = batched._RemoteShard.__init__, batched._RemoteShard.wait_ready
+
+    def counting_init(self, *a, **k):
+        init(self, *a, **k)
+        started.append(self)
+
+    def recording_wait(self):
+        seen.append(len(started))
+        wait(self)
+
+    monkeypatch.setattr(batched._RemoteShard, "__init__", counting_init)
+    monkeypatch.setattr(batched._RemoteShard, "wait_ready", recording_wait)
+    monkeypatch.setattr(batched, "make", lambda *a, **k: pytest.fail("the parent built an env"))
+    slots = [("cartpole-swingup", 1, 0), ("reacher-easy", 1, 0), ("cheetah-run", 2, 1)]
+    with envs.BatchedEnv.for_episodes(slots, num_workers=3) as b:
+        assert seen == [3, 3, 3]
+        assert b.episode_lengths.tolist() == [500, 500, 500] and b.action_dims.tolist() == [1, 2, 6]
+        assert b.reset().shape == (3, 17)
+
+    def dies(self):
+        self.proc.kill()
+        self.proc.join()
+        wait(self)
+
+    monkeypatch.setattr(batched._RemoteShard, "wait_ready", dies)
+    started.clear()
+    with pytest.raises(RuntimeError, match="failed to start"):
+        envs.BatchedEnv.for_episodes(slots, num_workers=2)
+    assert all(not sh.proc.is_alive() for sh in started)
+
+
 def test_batched_partial_async_and_bad_actions():
     with envs.BatchedEnv([envs.make("pendulum-swingup", 0, episode_length=2), envs.make("cartpole-balance", 0)]) as b:
         b.reset()
