@@ -27,12 +27,13 @@ flags.DEFINE_integer("num_samples", 512, "MPPI samples")
 flags.DEFINE_integer("num_elites", 64, "MPPI elites")
 flags.DEFINE_integer("num_pi_trajs", 24, "policy trajectories among the samples")
 flags.DEFINE_integer("horizon", 3, "planning horizon")
-flags.DEFINE_integer("workers", 0, "environment worker processes (0: step in this process)")
+flags.DEFINE_integer("workers", -1, "environment worker processes (0: step in this process; -1: the backend's "
+                     "default, every core but two on an accelerator, 0 on a CPU, whose cores plan)")
 flags.DEFINE_integer("chunk", 0, "MPPI problems planned together per vmapped chunk (0: the backend's default, "
                      "4 on a CPU, all problems on an accelerator); results do not depend on it")
-flags.DEFINE_integer("parts", 1, "overlap planning with environment stepping: plan one of PARTS groups of the "
+flags.DEFINE_integer("parts", 0, "overlap planning with environment stepping: plan one of PARTS groups of the "
                      "problems while the previous group's environments step (same returns; pays with --workers "
-                     "or an accelerator)")
+                     "on an accelerator; 0: 2 with env workers, else 1)")
 flags.DEFINE_integer("devices", 1, "split the problems over this many local devices (0: all; same returns)")
 flags.DEFINE_list("compare", None, "result directories to plot side by side instead of evaluating")
 flags.DEFINE_enum("runtime", "jax", ["jax", "onnx"], "act with the JAX planner or an exported ONNX agent")
@@ -43,8 +44,9 @@ cli.existing_path("checkpoint")
 cli.existing_path("onnx_dir", kind="dir")
 cli.task_list("tasks")
 cli.positive_int("episodes", "iterations", "num_samples", "num_elites", "horizon")
-cli.non_negative_int("num_pi_trajs", "workers", "chunk", "devices")
-cli.int_range("parts", lo=1, hi=64)
+cli.non_negative_int("num_pi_trajs", "chunk", "devices")
+cli.int_range("workers", lo=-1, hi=1024)
+cli.int_range("parts", lo=0, hi=64)
 
 
 def _check_devices(v):
@@ -122,9 +124,11 @@ def main(argv):
     check_dims(agent, resolve_tasks(agent, FLAGS.tasks))  # the tasks fit the checkpoint, before any episode
     claim_output(FLAGS.output, "eval", FLAGS.overwrite)
     import jax
+    from tdmpc_jax.evaluation import default_parts, env_workers
     devices = jax.local_devices()[:FLAGS.devices or None] if actor is None else None
-    res = evaluate(agent, FLAGS.tasks, FLAGS.episodes, FLAGS.seed, pcfg, FLAGS.eval_mode, FLAGS.workers, actor=actor,
-                   parts=FLAGS.parts, devices=devices)
+    workers = env_workers(FLAGS.workers)
+    res = evaluate(agent, FLAGS.tasks, FLAGS.episodes, FLAGS.seed, pcfg, FLAGS.eval_mode, workers, actor=actor,
+                   parts=FLAGS.parts or default_parts(workers), devices=devices)
     if actor is not None:
         res.update(runtime=f"onnx-{FLAGS.precision}", onnx_dir=FLAGS.onnx_dir)
     write_results(FLAGS.output, res)

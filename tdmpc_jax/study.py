@@ -144,12 +144,16 @@ def study_tasks(teacher, scfg: StudyConfig) -> List[str]:
 
 
 def _evaluate_into(directory, agent, tasks, episodes, pcfg, eval_mode, seed=1, num_workers=0):
+    """num_workers: env worker processes (-1: the backend's default, `evaluation.env_workers`)."""
     from tdmpc_jax.evaluation import evaluate
     from tdmpc_jax.results_io import read_results, write_results
     if os.path.exists(os.path.join(directory, "results.json")):
         return read_results(directory)
     os.makedirs(directory, exist_ok=True)
-    res = evaluate(agent, tasks, episodes, seed, pcfg, eval_mode=eval_mode, num_workers=num_workers, progress=True)
+    from tdmpc_jax.evaluation import default_parts, env_workers
+    workers = env_workers(num_workers)
+    res = evaluate(agent, tasks, episodes, seed, pcfg, eval_mode=eval_mode, num_workers=workers, progress=True,
+                   parts=default_parts(workers))
     write_results(directory, res)
     return res
 

@@ -182,7 +182,7 @@ CASES = [
     ("distill", ["--data={bool_dim}", "--output={new}"], "'action_dim' must be an integer"),
     ("distill", ["--data={bad_set}", "--output={new}"], "unknown 'task_set'"),
     # evaluate.py
-    ("evaluate", C + ["--tasks=cartpole-balance", "--output={new}", "--workers=-2"], "--workers=-2: must be >= 0"),
+    ("evaluate", C + ["--tasks=cartpole-balance", "--output={new}", "--workers=-2"], "--workers=-2: must be in [-1, 1024]"),
     ("evaluate", C + ["--tasks=cartpole-balance", "--output={new}", "--episodes=0"], "--episodes=0"),
     ("evaluate", C + ["--tasks=cartpole-balance", "--output={new}", "--num_samples=0"], "--num_samples=0"),
     ("evaluate", C + ["--tasks=cartpole-balance", "--output={new}", "--num_elites=600"], "must be <= --num_samples"),
@@ -191,7 +191,7 @@ CASES = [
     ("evaluate", C + ["--tasks=cartpole-balance", "--output={new}", "--iterations=0"], "--iterations=0"),
     ("evaluate", C + ["--tasks=cartpole-balance", "--output={new}", "--devices=5"], "5 devices requested, this "
      "process has"),
-    ("evaluate", C + ["--tasks=cartpole-balance", "--output={new}", "--parts=0"], "--parts=0"),
+    ("evaluate", C + ["--tasks=cartpole-balance", "--output={new}", "--parts=-1"], "--parts=-1: must be in [0, 64]"),
     ("evaluate", C + ["--tasks=bogus", "--output={new}"], "unknown task 'bogus'"),
     ("evaluate", C + ["--tasks=mw-reach", "--output={new}"], "Meta-World"),
     ("evaluate", C + ["--tasks=cup-catch", "--output={new}"], "not in the checkpoint's task set"),

@@ -108,6 +108,7 @@ def test_cli_writes_results_and_compares(tmp_path):
     assert set(res["tasks"]) == {"pendulum-spin", "cartpole-balance"}
     assert len(open(out / "results.csv").read().splitlines()) == 5
     assert res["tasks"]["cartpole-balance"]["mean"] > 500  # the released model balances the pole
+    assert (res["timing"]["workers"], res["timing"]["parts"]) == (0, 1)  # the CPU backend's defaults
     assert "ETA" in r.stderr  # progress display
     r = _run(f"--compare={out},{out}", f"--output={tmp_path / 'cmp'}")
     assert r.returncode == 0, r.stderr
@@ -130,3 +131,11 @@ def test_cli_errors_before_work(tmp_path, args, needle):
     lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and needle in lines[0], r.stderr
     assert "step 1/" not in r.stderr
+
+
+def test_backend_defaults_for_env_workers_and_parts():
+    """evaluate.py's --workers=-1 / --parts=0: workers only where the cores do not plan, overlap only with them."""
+    from tdmpc_jax.evaluation import default_parts, env_workers
+    assert env_workers(-1, "cpu", cores=64) == 0 and env_workers(3, "cpu", cores=64) == 3
+    assert env_workers(-1, "gpu", cores=16) == 14 and env_workers(-1, "tpu", cores=2) == 0
+    assert default_parts(0) == 1 and default_parts(14) == 2
