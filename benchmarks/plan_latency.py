@@ -1,6 +1,6 @@
 """MPPI planning latency vs the fp32 roofline, for the MT30 1M and 5M shapes.
 
-  python benchmarks/plan_latency.py [--cores=1] [--batch=300] [--sizes=1,5] [--chunks=0,4]
+  python benchmarks/plan_latency.py [--cores=1] [--batch=300] [--sizes=1,5] [--chunks=0,4] [--compute=bf16]
 Per size: ms per action for one problem (MPPI and policy prior), actions/s for a batch of `batch`
 problems with each of `chunks` (PlannerConfig.chunk; 0 = the backend's default, the first is the
 baseline of the ratios), and both as multiples of the roofline (FLOPs of the plain official computation / the fp32
@@ -16,6 +16,9 @@ flags.DEFINE_integer("cores", 1, "CPU cores to use (pinned before JAX starts)")
 flags.DEFINE_integer("batch", 300, "problems in the batched measurement (0 skips it)")
 flags.DEFINE_list("sizes", ["1", "5"], "MT30 model sizes")
 flags.DEFINE_list("chunks", ["0"], "PlannerConfig.chunk values for the batched measurement (0: backend default)")
+flags.DEFINE_list("compute", [], "other compute modes (bf16: quantize.for_compute) timed for one problem against "
+                  "the fp32 roofline and the same run's fp32 time")
+flags.register_validator("compute", lambda v: set(v) <= {"bf16"}, "--compute: only bf16 (fp32 is always measured)")
 flags.DEFINE_integer("repeats", 10, "timed repeats")
 FLAGS = flags.FLAGS
 
@@ -27,7 +30,7 @@ def main(_):
     import jax.numpy as jnp
 
     from benchmarks.common import matmul_peak_gflops, plain_plan_flops, time_call
-    from tdmpc_jax import networks, planner
+    from tdmpc_jax import networks, planner, quantize
     from tdmpc_jax.config import make_model_config
 
     peak = matmul_peak_gflops()
@@ -54,6 +57,14 @@ def main(_):
         print(f"MT30-{size}M: {flops / 1e9:.2f} GFLOP/action (plain), roofline {roof_ms:.1f} ms | "
               f"MPPI {best * 1e3:.1f} ms (median {med * 1e3:.1f}) = {r['mppi_x_roofline']:.2f}x roofline | "
               f"policy prior {pbest * 1e3:.3f} ms", flush=True)
+        for mode in FLAGS.compute:
+            mp = quantize.for_compute(params, mode)
+            mbest, _ = time_call(lambda k: planner.act_one(cfg, pcfg, mp, obs, jnp.int32(3), st, jnp.bool_(False), k),
+                                 jax.random.PRNGKey(2), repeats=FLAGS.repeats)
+            r.setdefault("compute_modes", {})[mode] = {"mppi_ms": mbest * 1e3, "x_fp32_roofline": mbest * 1e3 / roof_ms,
+                                                      "x_fp32": mbest / best}
+            print(f"  compute {mode}: MPPI {mbest * 1e3:.1f} ms = {mbest * 1e3 / roof_ms:.2f}x the fp32 roofline, "
+                  f"{mbest / best:.2f}x fp32 in this run", flush=True)
         if FLAGS.batch:
             B = FLAGS.batch
             obs_b = jax.random.normal(jax.random.PRNGKey(3), (B, cfg.obs_dim))

@@ -109,6 +109,12 @@ def test_cli_writes_results_and_compares(tmp_path):
     assert len(open(out / "results.csv").read().splitlines()) == 5
     assert res["tasks"]["cartpole-balance"]["mean"] > 500  # the released model balances the pole
     assert (res["timing"]["workers"], res["timing"]["parts"]) == (0, 1)  # the CPU backend's defaults
+    assert res["compute"] == "fp32"
+    r = _run(f"--checkpoint={FP16_CKPT}", "--tasks=cartpole-balance", "--episodes=2", "--mpc=false", "--compute=bf16",
+             f"--output={tmp_path / 'bf16'}")
+    assert r.returncode == 0, r.stderr
+    b = json.load(open(tmp_path / "bf16" / "results.json"))
+    assert b["compute"] == "bf16" and b["tasks"]["cartpole-balance"]["mean"] > 500  # bf16 matmuls still balance
     assert "ETA" in r.stderr  # progress display
     r = _run(f"--compare={out},{out}", f"--output={tmp_path / 'cmp'}")
     assert r.returncode == 0, r.stderr
