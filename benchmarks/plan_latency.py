@@ -85,6 +85,15 @@ def main(_):
                     r.setdefault("other_chunks", []).append(b)
                 print(f"  batch {B}, chunk {used}: {B / bbest:.1f} actions/s ({B / bbest / base:.2f}x the first), "
                       f"{b['batch_fraction_of_peak']:.0%} of the matmul peak (plain FLOPs)", flush=True)
+            pc = dataclasses.replace(pcfg, chunk=int(FLAGS.chunks[0]))
+            for mode in FLAGS.compute:
+                mp = quantize.for_compute(params, mode)
+                bbest, _ = time_call(lambda k: planner.act_batch(cfg, pc, mp, obs_b, task_b, st_b, t0, k),
+                                     jax.random.PRNGKey(4), repeats=max(2, FLAGS.repeats // 5), warmup=1)
+                frac = B * flops / bbest / 1e9 / peak
+                r["compute_modes"][mode].update(batch_actions_per_s=B / bbest, batch_fraction_of_fp32_peak=frac)
+                print(f"  batch {B}, compute {mode}: {B / bbest:.1f} actions/s ({B / bbest / base:.2f}x fp32), "
+                      f"{frac:.0%} of the fp32 matmul peak (plain FLOPs)", flush=True)
         results["sizes"][size] = r
     print(json.dumps(results))
 
