@@ -333,11 +333,12 @@ def _markdown(s: dict) -> str:
              "policy prior mean [95% CI] | s/update (device) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for k, g in s["groups"].items():
         m, p = g["mppi"], g["pi"]
+        # one seed: the stratified bootstrap over runs has nothing to resample, its interval is a point
+        ci = (lambda x, lohi: f"{x:.1f} [{lohi[0]:.1f}, {lohi[1]:.1f}]") if len(g["seeds"]) > 1 else \
+            (lambda x, lohi: f"{x:.1f} (one seed: no CI)")
         lines.append(f"| {g['size']} | {g['dims']} | {g['learnable_params']:,} | {g['arm']} | {len(g['seeds'])} | "
-                     f"{m['mean']:.1f} [{m['mean_ci95'][0]:.1f}, {m['mean_ci95'][1]:.1f}] | "
-                     f"{m['iqm']:.1f} [{m['iqm_ci95'][0]:.1f}, {m['iqm_ci95'][1]:.1f}] | "
-                     f"{100 * m['mean'] / t['mppi_normalized_score']:.0f}% | "
-                     f"{p['mean']:.1f} [{p['mean_ci95'][0]:.1f}, {p['mean_ci95'][1]:.1f}] | "
+                     f"{ci(m['mean'], m['mean_ci95'])} | {ci(m['iqm'], m['iqm_ci95'])} | "
+                     f"{100 * m['mean'] / t['mppi_normalized_score']:.0f}% | {ci(p['mean'], p['mean_ci95'])} | "
                      f"{'; '.join(f'{v:.4f} ({k})' for k, v in g['train_s_per_update'].items())} |")
     if s["improvement"]:
         lines += ["", "| comparison | P(improvement), MPPI [95% CI] | policy prior [95% CI] |", "|---|---|---|"]

@@ -64,6 +64,8 @@ def test_units_resume_and_report(tiny, teacher, tmp_path):
     assert 0.0 <= p <= 1.0
     for f in ("summary.json", "summary.md", "score_vs_params.png", "per_task_tiny.png", "runs/tiny-reward-s1.json"):
         assert os.path.getsize(os.path.join(dest, f)) > 0, f
+    md = open(os.path.join(dest, "summary.md")).read()  # one seed per arm: no point interval passed off as a CI
+    assert md.count("(one seed: no CI)") == 2 * 3 and f"{g['mppi']['mean']:.1f} [" not in md
     import tdmpc_jax  # the main comparison's students are committed as Orbax checkpoints
     assert tdmpc_jax.load_checkpoint(os.path.join(dest, "students", "tiny-reward-s1")).num_params()["learnable"] == \
         recs["reward"]["learnable_params"]
