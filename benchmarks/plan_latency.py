@@ -3,7 +3,7 @@
   python benchmarks/plan_latency.py [--cores=1] [--batch=300] [--sizes=1,5] [--chunks=0,4] [--compute=bf16]
 Per size: ms per action for one problem (MPPI and policy prior), actions/s for a batch of `batch`
 problems with each of `chunks` (PlannerConfig.chunk; 0 = the backend's default, the first is the
-baseline of the ratios), and both as multiples of the roofline (FLOPs of the plain official computation / the fp32
+baseline of the ratios), the same for each reduced `compute` mode against fp32, and all as multiples of the roofline (FLOPs of the plain official computation / the fp32
 matmul peak measured in this run). Writes a JSON line at the end.
 """
 import dataclasses
@@ -57,8 +57,8 @@ def main(_):
         print(f"MT30-{size}M: {flops / 1e9:.2f} GFLOP/action (plain), roofline {roof_ms:.1f} ms | "
               f"MPPI {best * 1e3:.1f} ms (median {med * 1e3:.1f}) = {r['mppi_x_roofline']:.2f}x roofline | "
               f"policy prior {pbest * 1e3:.3f} ms", flush=True)
-        for mode in FLAGS.compute:
-            mp = quantize.for_compute(params, mode)
+        reduced = {mode: quantize.for_compute(params, mode) for mode in FLAGS.compute}
+        for mode, mp in reduced.items():
             mbest, _ = time_call(lambda k: planner.act_one(cfg, pcfg, mp, obs, jnp.int32(3), st, jnp.bool_(False), k),
                                  jax.random.PRNGKey(2), repeats=FLAGS.repeats)
             r.setdefault("compute_modes", {})[mode] = {"mppi_ms": mbest * 1e3, "x_fp32_roofline": mbest * 1e3 / roof_ms,
@@ -86,8 +86,7 @@ def main(_):
                 print(f"  batch {B}, chunk {used}: {B / bbest:.1f} actions/s ({B / bbest / base:.2f}x the first), "
                       f"{b['batch_fraction_of_peak']:.0%} of the matmul peak (plain FLOPs)", flush=True)
             pc = dataclasses.replace(pcfg, chunk=int(FLAGS.chunks[0]))
-            for mode in FLAGS.compute:
-                mp = quantize.for_compute(params, mode)
+            for mode, mp in reduced.items():
                 bbest, _ = time_call(lambda k: planner.act_batch(cfg, pc, mp, obs_b, task_b, st_b, t0, k),
                                      jax.random.PRNGKey(4), repeats=max(2, FLAGS.repeats // 5), warmup=1)
                 frac = B * flops / bbest / 1e9 / peak

@@ -167,11 +167,11 @@ class BatchedEnv:
     @classmethod
     def for_episodes(cls, slots: Sequence[Slot], num_workers: int = 0, obs_dim=None, action_dim=None):
         """slots: (task, seed, episode_index). num_workers > 0 steps shards in worker processes."""
+        if num_workers <= 0:
+            return cls(_build(slots), obs_dim, action_dim)
         spec = {t: _dims_of(t) for t in {s[0] for s in slots}}
         dims = tuple(list(d) for d in zip(*(spec[t] for t, _, _ in slots)))  # obs dims, action dims, lengths
         obs_dim = obs_dim or max(dims[0])
-        if num_workers <= 0:
-            return cls(_build(slots), obs_dim, action_dim)
         ctx = mp.get_context("spawn")
         shards = [_RemoteShard(ctx, [slots[i] for i in part], obs_dim)
                   for part in np.array_split(np.arange(len(slots)), min(num_workers, len(slots)))]
