@@ -83,6 +83,7 @@ OUTPUT_KINDS = {
 FILE_KINDS = {
     "torch-file": ("a PyTorch checkpoint file", lambda f: False),  # could be anyone's (e.g. a downloaded .pt)
     "video": ("a rendered video", _our_gif),
+    "plan-fidelity": ("a plan_fidelity.py report", lambda f: _format(f) == "tdmpc_jax-plan-fidelity"),
 }
 
 

@@ -226,6 +226,13 @@ CASES = [
     ("pipeline", ["--output={new}", "--teacher=/nonexistent"], "no such file"),
     ("pipeline", ["--output=."], "not a pipeline.py output directory; pass --overwrite"),
     ("pipeline", ["--output={pipe}"], "data: is a non-empty directory, not a tdmpc_jax dataset"),
+    # plan_fidelity.py
+    ("plan_fidelity", ["--student={teacher}", "--data={ds}", "--output={new}"], "must end in .json"),
+    ("plan_fidelity", ["--student=/nonexistent", "--data={ds}", "--output={new}.json"], "no such file"),
+    ("plan_fidelity", ["--student={teacher}", "--data={proj}", "--output={new}.json"], "not a dataset"),
+    ("plan_fidelity", ["--student={teacher}", "--data={ds}", "--output={new}.json", "--candidates=1"],
+     "--candidates=1: must be in [2"),
+    ("plan_fidelity", ["--student={teacher}", "--data={ds}", "--output={new}.json", "--tasks=bogus"], "unknown task"),
     # quantize.py
     ("quantize", C + ["--output={new}", "--mixed_share=nan"], "--mixed_share=nan: must be a finite"),
     ("quantize", C + ["--output={new}", "--mixed_share=-1"], "must be >= 0"),
