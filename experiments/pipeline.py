@@ -22,6 +22,10 @@ flags.DEFINE_string("data", None, "existing dataset dir (default: collect one wi
 flags.DEFINE_string("output", os.path.join(REPO, "runs", "distill"), "output directory")
 flags.DEFINE_integer("collect_episodes", 8, "episodes per task collected with the teacher")
 flags.DEFINE_bool("collect_mpc", True, "collect with the teacher's MPPI (false: its policy prior, much cheaper)")
+flags.DEFINE_list("collect_random_actions", ["0", "0.1", "0.2", "0.4"],
+                  "noise injection while the teacher collects: episode e of each task replaces each action with a "
+                  "uniform random one with probability item[e % items] (the data then hold the states a perturbed "
+                  "agent visits and the teacher's recoveries; README \"Does distillation work?\"); empty: none")
 flags.DEFINE_string("student_size", "32,48,16", "student: official size or enc,mlp,latent dims")
 flags.DEFINE_integer("steps", 3000, "updates for each student")
 flags.DEFINE_integer("batch_size", 256, "batch size")
@@ -43,6 +47,7 @@ cli.existing_path("teacher")
 cli.dataset_dir("data")
 cli.output("output", "pipeline")
 cli.positive_int("collect_episodes", "steps", "batch_size", "episodes", "iterations")
+cli.probability_list("collect_random_actions")
 cli.int_range("jobs", lo=1, hi=4)
 cli.finite_float("td_coef", lo=0)
 cli.int_range("onpolicy_rounds", lo=0, hi=10)
@@ -114,7 +119,8 @@ def main(argv):
             raise
         print(f"[2/5] collecting {FLAGS.collect_episodes} episodes per task with the teacher ...", flush=True)
         ds = collect(teacher, tasks, FLAGS.collect_episodes, data_dir, PlannerConfig(mpc=FLAGS.collect_mpc),
-                     FLAGS.seed, progress=False, overwrite=FLAGS.overwrite)
+                     FLAGS.seed, progress=False, overwrite=FLAGS.overwrite,
+                     random_actions=[float(p) for p in FLAGS.collect_random_actions])
         print(f"      teacher returns while collecting: "
               + ", ".join(f"{t} {r:.0f}" for t, r in ds.meta_returns.items()), flush=True)
     pcfg = PlannerConfig(mpc=FLAGS.mpc, iterations=FLAGS.iterations, num_samples=FLAGS.num_samples,
@@ -174,7 +180,8 @@ def main(argv):
                                  for t, r in v["tasks"].items()}} for k, v in results.items()}, f, indent=1)
     compare_runs(results, os.path.join(out, "compare.png"), "teacher vs students")
     with open(os.path.join(out, "settings.json"), "w") as f:
-        json.dump({k: getattr(FLAGS, k) for k in ("teacher", "data", "collect_episodes", "collect_mpc", "student_size",
+        json.dump({k: getattr(FLAGS, k) for k in ("teacher", "data", "collect_episodes", "collect_mpc",
+                                                  "collect_random_actions", "student_size",
                                                   "steps", "batch_size", "episodes", "mpc", "iterations",
                                                   "num_samples", "seed", "onpolicy_rounds", "td_coef") + DISTILL_FLAGS}, f, indent=1)
     print(table)

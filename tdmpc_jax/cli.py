@@ -108,6 +108,19 @@ def finite_float(*names, lo=None, hi=None, lo_open=False, hi_open=False):
     _each(names, check)
 
 
+def probability_list(*names):
+    """A DEFINE_list of probabilities: every item a number in [0, 1] (an empty list passes)."""
+    def check(v):
+        for item in v or ():
+            try:
+                p = float(item)
+            except ValueError:
+                raise ValueError(f"{item!r} is not a number") from None
+            if not 0.0 <= p <= 1.0:  # NaN fails too
+                raise ValueError(f"{item} is not a probability in [0, 1]")
+    _each(names, check)
+
+
 def free_string(*names):
     """A string flag with no constraint (declared so that every flag has a rule)."""
     _each(names, lambda v: None)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tdmpc_jax import planner
+from tdmpc_jax import networks, planner
 from tdmpc_jax.config import ModelConfig
 from tdmpc_jax.envs import BatchedEnv
 from tdmpc_jax.planner import PlannerConfig
@@ -74,6 +74,27 @@ def make_actor(cfg: ModelConfig, pcfg: PlannerConfig, eval_mode: bool = True, ba
                                        jnp.asarray(t0[0]), key, eval_mode)
             return a[None], state
     return actor
+
+
+RANDOM_ACTION_KEY = 0xDA27  # folded into the step's key for `with_random_actions`' draws
+
+
+def with_random_actions(actor: Actor, cfg: ModelConfig, probs) -> Actor:
+    """`actor` whose problem i plays, at each step and with probability probs[i], a uniform random action on
+    its task's action dims instead of the actor's (noise injection, as DART: the data then hold the states
+    a perturbed agent visits, and the recoveries from them). The executed action is what the step returns
+    (and what a dataset stores). Draws: `fold_in(step key, RANDOM_ACTION_KEY)`; probability 0 returns the
+    actor's actions unchanged."""
+    probs = jnp.asarray(probs, jnp.float32)
+
+    def noisy(params, obs, task, state, t0, key):
+        a, state = actor(params, obs, task, state, t0, key)
+        k_act, k_swap = jax.random.split(jax.random.fold_in(key, RANDOM_ACTION_KEY))
+        mask = networks.task_action_mask(cfg, jnp.asarray(task))
+        rand = jax.random.uniform(k_act, a.shape, minval=-1.0, maxval=1.0) * mask
+        swap = jax.random.uniform(k_swap, (a.shape[0], 1)) < probs[:, None]
+        return jnp.where(swap, rand, a), state
+    return noisy
 
 
 def host_actor(fn: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]) -> Actor:

@@ -6,6 +6,9 @@ import pytest
 from tdmpc_jax import rollout
 from tdmpc_jax.envs import BatchedEnv
 
+import os
+
+_TEACHER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "teacher-mt4")
 SLOTS = [("pendulum-spin", 1, 0), ("cartpole-balance", 1, 1), ("reacher-easy", 2, 0)]
 
 
@@ -86,3 +89,48 @@ def test_rollout_reports_where_the_time_went():
     assert timing["act_first_s"] >= 0.02 and timing["act_s"] >= 5 * 0.005 and timing["hook_s"] >= 6 * 0.01
     assert timing["env_s"] > 0
     assert timing["act_first_s"] + timing["act_s"] + timing["env_s"] + timing["hook_s"] <= wall
+
+
+def test_with_random_actions_swaps_at_the_given_rate_on_the_task_dims():
+    """Problem i plays a uniform random action (on its task's action dims) with probability probs[i]."""
+    import jax.numpy as jnp
+
+    import tdmpc_jax
+    from tdmpc_jax import networks
+    teacher = tdmpc_jax.load_checkpoint(_TEACHER)
+    cfg = teacher.config
+    task = jnp.asarray([0, 1, 2, 3, 3], jnp.int32)
+    probs = [0.0, 1.0, 0.5, 1.0, 0.0]
+    base = lambda params, obs, task, state, t0, key: (jnp.full((len(obs), cfg.action_dim), 0.5), state)
+    actor = rollout.with_random_actions(base, cfg, probs)
+    mask = np.asarray(networks.task_action_mask(cfg, task))
+    keys = rollout.fold_in_keys(4)
+    acts = np.stack([np.asarray(actor(None, np.zeros((5, 1)), task, None, None, keys(t))[0]) for t in range(300)])
+    swapped = np.any(acts != 0.5, axis=-1)  # (T, 5)
+    np.testing.assert_array_equal(swapped[:, [0, 4]], False)  # probability 0: the actor's own actions
+    assert swapped[:, [1, 3]].all()
+    assert 0.4 < swapped[:, 2].mean() < 0.6, swapped[:, 2].mean()
+    assert np.all(np.abs(acts) <= 1.0)
+    np.testing.assert_array_equal(acts[:, [1, 3]] * (1 - mask[[1, 3]]), 0.0)  # nothing on a task's unused dims
+    used = acts[:, 1][:, mask[1] > 0]
+    assert abs(used.mean()) < 0.1 and 0.5 < used.std() < 0.65  # uniform on [-1, 1]: std 0.577
+    again = np.stack([np.asarray(actor(None, np.zeros((5, 1)), task, None, None, keys(t))[0]) for t in range(300)])
+    np.testing.assert_array_equal(acts, again)  # a function of the step's key
+
+
+def test_collect_with_random_actions(tmp_path):
+    """collect(random_actions=(0, 1)): episode 0 of a task is the clean collection's, episode 1 random."""
+    import tdmpc_jax
+    from tdmpc_jax.data.collect import collect
+    from tdmpc_jax.planner import PlannerConfig
+    teacher = tdmpc_jax.load_checkpoint(_TEACHER)
+    kw = dict(pcfg=PlannerConfig(mpc=False), seed=2, eval_mode=True, progress=False)
+    clean = collect(teacher, ["cartpole-balance"], 2, tmp_path / "clean", **kw)
+    noisy = collect(teacher, ["cartpole-balance"], 2, tmp_path / "noisy", random_actions=(0.0, 1.0), **kw)
+    a_clean, a_noisy = (np.asarray(d.arrays["action"]).reshape(2, -1, d.action_dim) for d in (clean, noisy))
+    np.testing.assert_array_equal(a_noisy[0], a_clean[0])
+    dim = 1  # cartpole: one action dim, the rest padding
+    assert not np.allclose(a_noisy[1, 1:, :dim], a_clean[1, 1:, :dim])
+    assert 0.5 < np.nanstd(a_noisy[1, 1:, :dim]) < 0.65
+    with pytest.raises(ValueError, match="probabilities in"):
+        collect(teacher, ["cartpole-balance"], 1, tmp_path / "bad", random_actions=(1.5,), **kw)

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 
+from typing import Sequence
+
 import numpy as np
 
+from tdmpc_jax import rollout
 from tdmpc_jax.agent import Agent
 from tdmpc_jax.data.dataset import Dataset, DatasetWriter
 from tdmpc_jax.evaluation import check_dims, resolve_tasks, run_episodes
@@ -11,14 +14,20 @@ from tdmpc_jax.planner import PlannerConfig
 
 
 def collect(agent: Agent, tasks, episodes: int, out_path, pcfg: PlannerConfig, seed: int = 1,
-            eval_mode: bool = False, progress: bool = True, overwrite: bool = False) -> Dataset:
+            eval_mode: bool = False, progress: bool = True, overwrite: bool = False,
+            random_actions: Sequence[float] = ()) -> Dataset:
     """`episodes` episodes per task (batched); eval_mode=False adds the planner's exploration noise.
+    random_actions: episode e of every task replaces each action with a uniform random one with probability
+    random_actions[e % len(random_actions)] (`rollout.with_random_actions`; empty: none).
 
     out_path must be new, an empty directory or a dataset (replaced at the end), unless `overwrite`."""
     from tdmpc_jax.results_io import check_output
     check_output(out_path, "dataset", overwrite)  # before any episode is played
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
+    random_actions = tuple(float(p) for p in random_actions)
+    if not all(0.0 <= p <= 1.0 for p in random_actions):
+        raise ValueError(f"random_actions must be probabilities in [0, 1], got {random_actions}")
     cfg = agent.config
     tasks = resolve_tasks(agent, tasks)
     check_dims(agent, tasks)
@@ -35,7 +44,11 @@ def collect(agent: Agent, tasks, episodes: int, out_path, pcfg: PlannerConfig, s
         act_l.append(act.copy())
         rew_l.append(rew.copy())
 
-    returns, _ = run_episodes(agent, slots, pcfg, seed, eval_mode, progress=progress, on_step=on_step)
+    actor = None
+    if any(random_actions):
+        probs = [random_actions[e % len(random_actions)] for _, _, e in slots]
+        actor = rollout.with_random_actions(rollout.make_actor(cfg, pcfg, eval_mode), cfg, probs)
+    returns, _ = run_episodes(agent, slots, pcfg, seed, eval_mode, progress=progress, on_step=on_step, actor=actor)
     obs, act, rew = np.stack(obs_l, 1), np.stack(act_l, 1), np.stack(rew_l, 1)  # (n, T+1, ...)
     with DatasetWriter(out_path, cfg.obs_dim, cfg.action_dim, cfg.tasks if cfg.multitask else tasks,
                        cfg.task_set, overwrite=overwrite) as w:
