@@ -53,6 +53,8 @@ cli.finite_float("td_coef", lo=0)
 cli.int_range("onpolicy_rounds", lo=0, hi=10)
 cli.int_range("num_samples", lo=8)  # the evaluation keeps num_samples // 8 elites
 cli.size_spec("student_size")
+# both students are the mean of their weights after updates 2000, 2250, ..., 3000 (README: "Weight averaging")
+cli.averaging_flags(last=1 / 3, snapshots=5)
 # the default recipe (README "Does distillation work?"): the paper's reward term, the teacher policy's mean
 # as the policy's target, and what the planner scores along imagined MPPI-like action sequences
 DISTILL_FLAGS = cli.distill_flags(coef=0.4, policy_coef=1.0, plan_coef=1.0, plan_rank_coef=10.0)
@@ -123,8 +125,7 @@ def main(argv):
                      random_actions=[float(p) for p in FLAGS.collect_random_actions])
         print(f"      teacher returns while collecting: "
               + ", ".join(f"{t} {r:.0f}" for t, r in ds.meta_returns.items()), flush=True)
-    pcfg = PlannerConfig(mpc=FLAGS.mpc, iterations=FLAGS.iterations, num_samples=FLAGS.num_samples,
-                         num_elites=min(64, FLAGS.num_samples // 8), num_pi_trajs=min(24, FLAGS.num_samples // 16))
+    pcfg = PlannerConfig.scaled(FLAGS.iterations, FLAGS.num_samples, mpc=FLAGS.mpc)
     rounds = FLAGS.onpolicy_rounds
     students = {}
     for phase in range(rounds + 1):
@@ -143,7 +144,7 @@ def main(argv):
                       + ", ".join(f"{t} {r:.0f}" for t, r in v.meta_returns.items()), flush=True)
                 ds = merge_datasets(merged, [ds, v], overwrite=True)
         run = RunConfig(steps=upto, seed=FLAGS.seed, log_every=max(1, FLAGS.steps // 40),
-                        checkpoint_every=max(1, FLAGS.steps // 5))
+                        checkpoint_every=max(1, FLAGS.steps // 5), **cli.averaging(FLAGS.steps))
         for name in STUDENTS:
             print(f"[3/5] training the {name} student (updates {FLAGS.steps * phase // (rounds + 1)}-{upto} of "
                   f"{FLAGS.steps}, {ds.num_episodes} episodes) ...", flush=True)
@@ -183,7 +184,8 @@ def main(argv):
         json.dump({k: getattr(FLAGS, k) for k in ("teacher", "data", "collect_episodes", "collect_mpc",
                                                   "collect_random_actions", "student_size",
                                                   "steps", "batch_size", "episodes", "mpc", "iterations",
-                                                  "num_samples", "seed", "onpolicy_rounds", "td_coef") + DISTILL_FLAGS}, f, indent=1)
+                                                  "num_samples", "seed", "onpolicy_rounds", "td_coef", "average_last",
+                                                  "average_snapshots") + DISTILL_FLAGS}, f, indent=1)
     print(table)
     print(f"\nwrote {out}/table.md, results.json, compare.png")
 

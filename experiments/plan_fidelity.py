@@ -67,8 +67,7 @@ def main(argv):
             raise ValueError(f"--data={FLAGS.data}: no transitions of task {t}")
         data_obs[t] = obs[rng.choice(idx, min(FLAGS.states, len(idx)), replace=False)]
     out = check_output(FLAGS.output, "plan-fidelity", FLAGS.overwrite)
-    pcfg = PlannerConfig(iterations=FLAGS.iterations, num_samples=FLAGS.num_samples,
-                         num_elites=min(64, FLAGS.num_samples // 8), num_pi_trajs=min(24, FLAGS.num_samples // 16))
+    pcfg = PlannerConfig.scaled(FLAGS.iterations, FLAGS.num_samples)
     res = plan_fidelity.report(student, teacher, tasks, data_obs, pcfg, FLAGS.steps, FLAGS.seed, FLAGS.candidates)
     print("| task | corr on data (median) | corr visited (median) | regret data | regret visited | student MPPI return |")
     print("|---|---|---|---|---|---|")

@@ -288,6 +288,35 @@ def distill_flags(**defaults):
     return tuple(names)
 
 
+def averaging_flags(last: float = 0.0, snapshots: int = 5, steps: str = "steps"):
+    """--average_last and --average_snapshots (weight averaging, `offline.average_window`), checked
+    against the --`steps` flag. -> their names."""
+    caller = sys._getframe(1).f_globals.get("__name__", "")
+    module = sys.argv[0] if caller == "__main__" else caller
+    flags.DEFINE_float("average_last", last, "weight averaging (SWA): each trained student is the mean of "
+                       "--average_snapshots snapshots of its weights spread evenly over this last fraction of the "
+                       "updates, the final one included (0: the final weights)", module_name=module)
+    flags.DEFINE_integer("average_snapshots", snapshots, "weight snapshots averaged (see --average_last)",
+                         module_name=module)
+    finite_float("average_last", lo=0, hi=1, hi_open=True)
+    positive_int("average_snapshots")
+
+    def fits(v):
+        from tdmpc_jax.offline import average_window
+        try:
+            average_window(v[steps], v["average_last"], v["average_snapshots"])
+        except ValueError as e:
+            raise ValueError(f"--average_snapshots={v['average_snapshots']}: {e}") from None
+    check((steps, "average_last", "average_snapshots"), fits)
+    return "average_last", "average_snapshots"
+
+
+def averaging(steps: int) -> dict:
+    """RunConfig keyword arguments of the averaging flags for a run of `steps` updates."""
+    from tdmpc_jax.offline import average_window
+    return average_window(steps, FLAGS.average_last, FLAGS.average_snapshots)
+
+
 def distill_coefficients(teacher_given: bool = True) -> dict:
     """TrainConfig keyword arguments from the distillation flags (all 0 without a teacher): the built-in
     terms' fields, and `distill_extra` for registered terms with a flag > 0 (`TrainConfig.distill_kwargs`)."""

@@ -54,6 +54,13 @@ class PlannerConfig:
         if self.chunk < 0:
             raise ValueError("chunk must be >= 1, or 0 for the backend's default")
 
+    @classmethod
+    def scaled(cls, iterations: int, num_samples: int, **kwargs) -> "PlannerConfig":
+        """A planner with `num_samples` samples whose elites and policy trajectories keep the official
+        proportions (64 and 24 of 512: one eighth and one sixteenth, at most the official counts)."""
+        return cls(iterations=iterations, num_samples=num_samples, num_elites=min(64, num_samples // 8),
+                   num_pi_trajs=min(24, num_samples // 16), **kwargs)
+
     def chunk_for(self, problems: int, backend: str) -> int:
         """Problems per vmapped chunk: `chunk` if set, else CPU_CHUNK on a CPU (the samples x width
         activations of a few problems stay in cache) and every problem at once on an accelerator (one

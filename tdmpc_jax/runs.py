@@ -63,12 +63,17 @@ def write_state(path, state: train.TrainState, cfg: ModelConfig, tcfg: TrainConf
     import orbax.checkpoint as ocp
     from tdmpc_jax.checkpoints.orbax_io import CHECKSUM_KEY, _checkpointer, array_checksums
     _, ck = _checkpointer()
-    tree = jax.tree_util.tree_map(np.asarray, state._asdict())
+    tree = jax.tree_util.tree_map(np.asarray, _fields(state))
     meta = {"format": "tdmpc_jax-train-state", "step": int(state.step), "config": cfg.to_dict(),
             "train_config": dataclasses.asdict(tcfg), **(extra or {}), CHECKSUM_KEY: array_checksums(tree)}
     ck.save(path, ocp.args.Composite(
         state=ocp.args.PyTreeSave(tree),
         metadata=ocp.args.JsonSave(meta)))
+
+
+def _fields(state: train.TrainState) -> dict:
+    """The saved fields: those set (a state without weight averaging has the layout of older versions)."""
+    return {k: v for k, v in state._asdict().items() if v is not None}
 
 
 def read_state(path, like: train.TrainState):
@@ -77,7 +82,12 @@ def read_state(path, like: train.TrainState):
     from tdmpc_jax.checkpoints.orbax_io import _checkpointer
     _, ck = _checkpointer()
     try:
-        item = jax.tree_util.tree_map(np.asarray, like._asdict())
+        # the saved layout: a weight-averaging sum (meta "average", see offline.RunConfig) or none, whatever
+        # `like` asks for; the caller compares meta["average"] with its own run's
+        saved = ck.restore(path, ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+        averaged = isinstance(saved, dict) and bool(saved.get("average"))
+        like = like._replace(average=train.weights(like) if averaged else None)
+        item = jax.tree_util.tree_map(np.asarray, _fields(like))
         r = ck.restore(path, ocp.args.Composite(state=ocp.args.PyTreeRestore(item=item),
                                                 metadata=ocp.args.JsonRestore()))
         restored = r["state"]

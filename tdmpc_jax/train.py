@@ -37,6 +37,15 @@ class TrainState(NamedTuple):
     scale: jax.Array     # RunningScale value
     step: jax.Array
     emb_leak: Any = None  # policy_emb_leak: the last policy loss's task-embedding gradient (zeros otherwise)
+    # offline weight averaging (`offline.RunConfig.average_from`): the sum of the {params, target_qs}
+    # snapshots taken so far; kept by the training loop for its checkpoints, never passed to the update
+    average: Any = None
+
+
+def weights(state: TrainState) -> dict:
+    """What weight averaging averages (the layout of `TrainState.average`): everything the planner and
+    the policy prior use."""
+    return {"params": state.params, "target_qs": state.target_qs}
 
 
 def split_pi(params):

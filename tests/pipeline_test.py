@@ -48,6 +48,11 @@ def test_pipeline_killed_then_rerun(tmp_path):
     assert "normalized score" in table and "distilled-int8" in table
     assert (out / "compare.png").stat().st_size > 10_000
     assert tdmpc_jax.load_checkpoint(out / "distilled-int8").metadata["param_format"] == "int8"
+    # both students average their weights after updates 40, 45, ..., 60 (the default last third, 5 snapshots),
+    # across the kill; the int8 student is the averaged one quantized
+    for name in ("distilled", "scratch"):
+        assert tdmpc_jax.load_checkpoint(out / name / "agent").metadata["averaged_snapshots"] == 5
+    assert json.load(open(out / "settings.json"))["average_snapshots"] == 5
     steps = [json.loads(l)["step"] for l in open(out / "distilled" / "metrics.jsonl")]
     assert steps == sorted(set(steps)) and steps[-1] == 60  # no duplicated / stale log lines
 

@@ -170,3 +170,13 @@ def test_discounts():
     g = np.asarray(networks.discounts(cfg))
     np.testing.assert_allclose(g[:30], 0.99)
     np.testing.assert_allclose(g[30:], 0.95)
+
+
+def test_scaled_keeps_the_official_proportions():
+    # at the official 512 samples it is the official planner; below, one eighth elites and one sixteenth
+    # policy trajectories (the make distill evaluation: 4x256 -> 32 elites, 16 policy trajectories)
+    assert planner.PlannerConfig.scaled(6, 512) == planner.PlannerConfig()
+    small = planner.PlannerConfig.scaled(4, 256, mpc=False)
+    assert (small.iterations, small.num_samples, small.num_elites, small.num_pi_trajs, small.mpc) == (4, 256, 32, 16, False)
+    assert planner.PlannerConfig.scaled(6, 4096).num_elites == 64 and planner.PlannerConfig.scaled(6, 4096).num_pi_trajs == 24
+    assert planner.PlannerConfig.scaled(1, 8).num_pi_trajs == 0

@@ -14,6 +14,7 @@ from tdmpc_jax.config import TrainConfig
 from tdmpc_jax.data import Dataset, DatasetError, DatasetWriter
 from tdmpc_jax.data.collect import collect
 from tdmpc_jax.losses import Batch
+from tdmpc_jax.checkpoints.errors import CheckpointError
 from tdmpc_jax.offline import RunConfig, load_state, train_offline
 from tdmpc_jax.planner import PlannerConfig
 
@@ -98,6 +99,48 @@ def test_resume_after_kill_is_exact(dataset, tmp_path):
         np.testing.assert_array_equal(a, b)
     steps = [json.loads(l)["step"] for l in open(tmp_path / "cut" / "metrics.jsonl")]
     assert steps == [3, 6]
+
+
+def test_weight_averaging_is_the_mean_of_the_snapshots_and_resumes_exactly(dataset, tmp_path):
+    cfg, tcfg = mt30_small(), TrainConfig(batch_size=16)
+    quiet = dict(log_every=3, checkpoint_every=3, progress=False)
+    # the plain run, stopped after each snapshot update: its weights at updates 2, 4 and 6
+    snaps = [train_offline(cfg, tcfg, dataset, str(tmp_path / "plain"), RunConfig(steps=s, **quiet))[0]
+             for s in (2, 4, 6)]
+    avg = dict(average_from=2, average_every=2)
+    agent, state = train_offline(cfg, tcfg, dataset, str(tmp_path / "avg"), RunConfig(steps=6, **quiet, **avg))
+    assert agent.metadata["averaged_snapshots"] == 3
+    for part in ("params", "target_qs"):
+        want = jax.tree_util.tree_map(lambda *x: (x[0] + x[1] + x[2]) / np.float32(3), *[getattr(a, part) for a in snaps])
+        for a, b in zip(jax.tree_util.tree_leaves(getattr(agent, part)), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(agent.params["pi_head"]["layer_2"]["kernel"], snaps[-1].params["pi_head"]["layer_2"]["kernel"])
+    # averaging does not touch training: the train state holds the plain run's last weights
+    for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(snaps[-1].params)):
+        np.testing.assert_array_equal(a, b)
+    # killed after its checkpoint at 3 (one snapshot summed), resumed to 6: the same averaged agent
+    train_offline(cfg, tcfg, dataset, str(tmp_path / "cut"), RunConfig(steps=3, **quiet, **avg))
+    resumed, _ = train_offline(cfg, tcfg, dataset, str(tmp_path / "cut"), RunConfig(steps=6, **quiet, **avg))
+    for a, b in zip(jax.tree_util.tree_leaves(resumed.params), jax.tree_util.tree_leaves(agent.params)):
+        np.testing.assert_array_equal(a, b)
+    assert tdmpc_jax.load_checkpoint(tmp_path / "avg" / "agent").metadata["averaged_snapshots"] == 3
+    # another averaging on resume is refused, and so is averaging a run that had none
+    for out, other in (("cut", dict(average_from=3, average_every=1)), ("plain", avg)):
+        with pytest.raises(CheckpointError, match="weight averaging"):
+            train_offline(cfg, tcfg, dataset, str(tmp_path / out), RunConfig(steps=8, **quiet, **other))
+
+
+def test_average_window():
+    from tdmpc_jax.offline import average_window
+    assert average_window(3000, 1 / 3, 5) == dict(average_from=2000, average_every=250)
+    assert average_window(3000, 0, 5) == dict(average_from=0, average_every=0)
+    assert average_window(100, 0.5, 1) == dict(average_from=100, average_every=1)
+    run = RunConfig(steps=3000, **average_window(3000, 1 / 3, 5))
+    assert [run.snapshots(s) for s in (1999, 2000, 2249, 2250, 3000)] == [0, 1, 1, 2, 5]
+    with pytest.raises(ValueError, match="do not fit"):
+        average_window(4, 0.25, 5)
+    with pytest.raises(ValueError, match="average_every >= 1"):
+        RunConfig(average_from=5)
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(dataset, tmp_path):
