@@ -14,11 +14,22 @@ def _plt():
     return plt
 
 
-def compare_runs(runs: Dict[str, dict], out_png: str, title: str = "MT30 evaluation"):
-    """runs: label -> results.json dict. Writes a per-task grouped bar chart and an aggregate panel."""
+def _colors(n: int):
+    """n distinct colors: matplotlib's default cycle up to 10, tab20 up to 20, then a continuous map."""
+    plt = _plt()
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    cmap = plt.get_cmap("tab20" if n <= 20 else "viridis")
+    return [cmap(i if n <= 20 else i / (n - 1)) for i in range(n)]
+
+
+def compare_runs(runs: Dict[str, dict], out_png: str, title: str = "MT30 evaluation", colors=None):
+    """runs: label -> results.json dict. Writes a per-task grouped bar chart and an aggregate panel.
+    `colors`: label -> matplotlib color (e.g. one hue per arm over seeds); default: one distinct color each."""
     plt = _plt()
     tasks = sorted({t for r in runs.values() for t in r["tasks"]})
     labels = list(runs)
+    colors = [colors[l] for l in labels] if colors else _colors(len(labels))
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(max(8, 0.6 * len(tasks) * max(1, len(labels) / 2) + 4), 5),
                                   gridspec_kw={"width_ratios": [max(3, len(tasks)), 1.2]})
     width = 0.8 / len(labels)
@@ -28,7 +39,8 @@ def compare_runs(runs: Dict[str, dict], out_png: str, title: str = "MT30 evaluat
         means = [res[t]["score"] if t in res else np.nan for t in tasks]
         lo = [res[t]["score"] - res[t]["score_ci95"][0] if t in res else 0 for t in tasks]
         hi = [res[t]["score_ci95"][1] - res[t]["score"] if t in res else 0 for t in tasks]
-        ax.bar(x + (i - (len(labels) - 1) / 2) * width, means, width, yerr=[lo, hi], capsize=2, label=lab)
+        ax.bar(x + (i - (len(labels) - 1) / 2) * width, means, width, yerr=[lo, hi], capsize=2, label=lab,
+               color=colors[i])
     ax.set_xticks(x)
     ax.set_xticklabels(tasks, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("score (mean return / 10)")
@@ -38,7 +50,7 @@ def compare_runs(runs: Dict[str, dict], out_png: str, title: str = "MT30 evaluat
     norm = [runs[l]["normalized_score"] for l in labels]
     ci = np.array([runs[l]["normalized_score_ci95"] for l in labels])
     ax2.bar(np.arange(len(labels)), norm, yerr=[np.array(norm) - ci[:, 0], ci[:, 1] - np.array(norm)],
-            capsize=4, color=[f"C{i}" for i in range(len(labels))])
+            capsize=4, color=colors)
     ax2.set_xticks(np.arange(len(labels)))
     ax2.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
     ax2.set_title("normalized score (95% CI)")
