@@ -244,6 +244,13 @@ def dataset_dir(*names):
     _each(names, check)
 
 
+def _caller_module() -> str:
+    """The module that called the flag-defining helper (the script's path for __main__): absl lists its
+    flags under that name in --help, and `undeclared` looks them up there."""
+    caller = sys._getframe(2).f_globals.get("__name__", "")
+    return sys.argv[0] if caller == "__main__" else caller
+
+
 def output(name: str, kind, overwrite: str = "overwrite", extensions=None, depends=()):
     """The output rule (tdmpc_jax.results_io.check_output) at parse time; defines --overwrite if needed.
 
@@ -251,10 +258,9 @@ def output(name: str, kind, overwrite: str = "overwrite", extensions=None, depen
     `extensions`: allowed file suffixes."""
     from tdmpc_jax.results_io import check_output
     if overwrite not in FLAGS:
-        caller = sys._getframe(1).f_globals.get("__name__", "")
         flags.DEFINE_bool(overwrite, False, "replace / write into an existing output even when it is not "
                                             "recognisably this program's own artefact of the same kind",
-                          module_name=sys.argv[0] if caller == "__main__" else caller)  # listed in --help
+                          module_name=_caller_module())  # listed in --help
     _DECLARED.update((name, overwrite))
 
     def check(values):
@@ -276,11 +282,11 @@ def distill_flags(**defaults):
     and a user's terms registered before this call; default 0 unless given in `defaults` by flag name), each
     finite and >= 0. -> the flag names."""
     from tdmpc_jax.config import DISTILL_TERMS
-    caller = sys._getframe(1).f_globals.get("__name__", "")
+    module = _caller_module()
     names = []
     for field, (name, what) in DISTILL_TERMS.items():
         flags.DEFINE_float(name, defaults.pop(name, 0.0), f"distillation: {what}",
-                           module_name=sys.argv[0] if caller == "__main__" else caller)
+                           module_name=module)
         names.append(name)
     if defaults:
         raise ValueError(f"unknown distillation flags {sorted(defaults)}")
@@ -291,8 +297,7 @@ def distill_flags(**defaults):
 def averaging_flags(last: float = 0.0, snapshots: int = 5, steps: str = "steps"):
     """--average_last and --average_snapshots (weight averaging, `offline.average_window`), checked
     against the --`steps` flag. -> their names."""
-    caller = sys._getframe(1).f_globals.get("__name__", "")
-    module = sys.argv[0] if caller == "__main__" else caller
+    module = _caller_module()
     flags.DEFINE_float("average_last", last, "weight averaging (SWA): each trained student is the mean of "
                        "--average_snapshots snapshots of its weights spread evenly over this last fraction of the "
                        "updates, the final one included (0: the final weights)", module_name=module)
