@@ -25,7 +25,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # two pytest workers (pytest-xdist), one test file per worker at a time: module fixtures are built once,
-# and the 2-core CI machine runs the suite in ~15 min instead of ~23 (TEST_WORKERS=0: one process)
+# and the 2-core CI machine runs the suite in ~16 min instead of ~23 (TEST_WORKERS=0: one process)
 TEST_WORKERS ?= 2
 test:
 	$(BIN)/python -m pytest tests $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
