@@ -88,6 +88,7 @@ def test_stages_and_bad_flags():
     assert [u.seed for u in s1[:3]] == [1, 1, 1]  # seed-major: every arm once before the next seed
     s2 = study.stage_units(2)
     assert {u.size for u in s2} >= {"0.1M", "0.35M", "0.67M", "1.4M"}
+    assert {u.arm for u in s2 if u.size == "1.4M"} == {"scratch", "reward", "plan"}
     assert {u.arm for u in s2 if u.size == study.MAIN_SIZE} == {"reward+policy", "reward+q", "reward+kl", "all"}
     assert [(u.arm, u.seed) for u in study.stage_units(3)] == [("plan", 1), ("plan", 2), ("plan", 3)]
     for arm in study.ARMS:  # every arm is a valid TrainConfig
