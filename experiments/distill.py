@@ -30,6 +30,7 @@ flags.DEFINE_string("coordinator", None, "multi-host: coordinator address host:p
 flags.DEFINE_integer("num_processes", 1, "multi-host: number of processes")
 flags.DEFINE_integer("process_id", 0, "multi-host: this process's id")
 cli.averaging_flags()
+cli.block_flag()
 DISTILL_COEFS = cli.distill_flags(coef=0.4)  # each needs --teacher
 cli.existing_path("teacher")
 cli.dataset_dir("data")
@@ -106,7 +107,7 @@ def main(argv):
     claim_output(FLAGS.output, "distill-run", FLAGS.overwrite)
     run = RunConfig(steps=FLAGS.steps, seed=FLAGS.seed, log_every=FLAGS.log_every,
                     checkpoint_every=FLAGS.checkpoint_every, eval_every=FLAGS.eval_every, eval_tasks=eval_tasks,
-                    eval_episodes=FLAGS.eval_episodes, **cli.averaging(FLAGS.steps))
+                    eval_episodes=FLAGS.eval_episodes, block=FLAGS.block, **cli.averaging(FLAGS.steps))
     agent, state = train_offline(cfg, tcfg, dataset, FLAGS.output, run, teacher)
     print(f"trained {int(state.step)} steps; agent in {FLAGS.output}/agent; curve in {FLAGS.output}/curve.png")
 

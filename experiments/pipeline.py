@@ -55,6 +55,7 @@ cli.int_range("num_samples", lo=8)  # the evaluation keeps num_samples // 8 elit
 cli.size_spec("student_size")
 # both students are the mean of their weights after updates 2000, 2250, ..., 3000 (README: "Weight averaging")
 cli.averaging_flags(last=1 / 3, snapshots=5)
+cli.block_flag()
 # the default recipe (README "Does distillation work?"): the paper's reward term, the teacher policy's mean
 # as the policy's target, and what the planner scores along imagined MPPI-like action sequences
 DISTILL_FLAGS = cli.distill_flags(coef=0.4, policy_coef=1.0, plan_coef=1.0, plan_rank_coef=10.0)
@@ -144,7 +145,8 @@ def main(argv):
                       + ", ".join(f"{t} {r:.0f}" for t, r in v.meta_returns.items()), flush=True)
                 ds = merge_datasets(merged, [ds, v], overwrite=True)
         run = RunConfig(steps=upto, seed=FLAGS.seed, log_every=max(1, FLAGS.steps // 40),
-                        checkpoint_every=max(1, FLAGS.steps // 5), **cli.averaging(FLAGS.steps))
+                        checkpoint_every=max(1, FLAGS.steps // 5), block=FLAGS.block,
+                        **cli.averaging(FLAGS.steps))
         for name in STUDENTS:
             print(f"[3/5] training the {name} student (updates {FLAGS.steps * phase // (rounds + 1)}-{upto} of "
                   f"{FLAGS.steps}, {ds.num_episodes} episodes) ...", flush=True)

@@ -28,6 +28,7 @@ flags.DEFINE_string("teacher_mppi", os.path.join(REPO, "tests", "data", "referen
 flags.DEFINE_integer("stage", 1, "1: main comparison; 2: sizes, control, ablation; 3: the planner-objective "
                      "recipe of make distill at the main size")
 flags.DEFINE_list("only", [], "run only these units (names as in runs/, e.g. 0.23M-best-s1)")
+cli.block_flag()
 flags.DEFINE_bool("report", False, "rebuild the tables and figures from finished units, then exit")
 flags.DEFINE_integer("steps", 10_000, "updates per student")
 flags.DEFINE_integer("batch_size", 256, "batch size")
@@ -95,7 +96,7 @@ def main(argv):
     t0 = time.perf_counter()
     for i, u in enumerate(units):
         rec = study.run_unit(out, u, teacher, ds, scfg, REPO, log=lambda m: print(m, flush=True),
-                             eval_workers=FLAGS.eval_workers)
+                             eval_workers=FLAGS.eval_workers, block=FLAGS.block)
         el = time.perf_counter() - t0
         print(f"== unit {i + 1}/{len(units)} {u.name}: MPPI {rec['mppi_normalized_score']:.1f}, policy prior "
               f"{rec['pi_normalized_score']:.1f} (this sitting {el / 60:.0f} min)", flush=True)

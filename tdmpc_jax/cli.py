@@ -316,6 +316,16 @@ def averaging_flags(last: float = 0.0, snapshots: int = 5, steps: str = "steps")
     return "average_last", "average_snapshots"
 
 
+def block_flag(default: int = 1):
+    """--block: updates per jitted call of the offline loop (`offline.RunConfig.block`). -> its name."""
+    flags.DEFINE_integer("block", default, "training updates per jitted call (a lax.scan; blocks stop at every log, "
+                         "checkpoint and weight snapshot, so runs, logs and resumes are those of --block=1 and the "
+                         "arithmetic equals single updates): fewer host round trips, for accelerators",
+                         module_name=_caller_module())
+    positive_int("block")
+    return "block"
+
+
 def averaging(steps: int) -> dict:
     """RunConfig keyword arguments of the averaging flags for a run of `steps` updates."""
     from tdmpc_jax.offline import average_window

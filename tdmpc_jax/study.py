@@ -163,9 +163,10 @@ def _evaluate_into(directory, agent, tasks, episodes, pcfg, eval_mode, seed=1, n
 
 
 def run_unit(out: str, unit: Unit, teacher, dataset, scfg: StudyConfig, repo: str, log=print,
-             eval_workers: int = 0) -> dict:
+             eval_workers: int = 0, block: int = 1) -> dict:
     """Train and evaluate one unit, skipping what is already there; -> its DONE record. `eval_workers`
-    environment processes step the evaluation episodes (same returns as in-process stepping)."""
+    environment processes step the evaluation episodes (same returns as in-process stepping); `block`
+    updates per jitted call (`offline.RunConfig.block`: the same run, fewer host round trips)."""
     from tdmpc_jax.config import student_config
     from tdmpc_jax.offline import RunConfig, train_offline
     from tdmpc_jax.planner import PlannerConfig
@@ -188,7 +189,7 @@ def run_unit(out: str, unit: Unit, teacher, dataset, scfg: StudyConfig, repo: st
     if not os.path.exists(os.path.join(agent_dir, "DONE")):
         log(f"[{unit.name}] training {scfg.steps} updates ...")
         run = RunConfig(steps=scfg.steps, seed=unit.seed, log_every=max(1, scfg.steps // 100),
-                        checkpoint_every=max(1, scfg.steps // 10))
+                        checkpoint_every=max(1, scfg.steps // 10), block=block)
         train_offline(cfg, tcfg, dataset, os.path.join(d, "train"), run, teacher if tcfg.uses_teacher else None)
         atomic.write_file(os.path.join(agent_dir, "DONE"), "")
     agent = tdmpc_jax.load_checkpoint(agent_dir)

@@ -130,6 +130,43 @@ def test_weight_averaging_is_the_mean_of_the_snapshots_and_resumes_exactly(datas
             train_offline(cfg, tcfg, dataset, str(tmp_path / out), RunConfig(steps=8, **quiet, **other))
 
 
+def _rows(path):
+    return [json.loads(l) for l in open(path / "metrics.jsonl")]
+
+
+def test_blocks_equal_single_updates_and_resume_exactly(dataset, released_agent, tmp_path):
+    """RunConfig.block: updates in scanned blocks that stop wherever the host needs the state give the
+    single-update run's weights, logs, snapshots and checkpoints; a resumed block run is bitwise the
+    uninterrupted one."""
+    cfg = mt30_small()
+    quiet = dict(log_every=4, checkpoint_every=4, progress=False, average_from=3, average_every=2)
+    # stops at 3 (snapshot), 4 (log), 5, 7 (snapshots), 8: blocks of 2 over 0-2 and 5-7, single steps elsewhere
+    assert [RunConfig(steps=8, block=2, **quiet).next_stop(k) for k in (0, 2, 3, 4, 5, 7)] == [3, 3, 4, 5, 7, 8]
+    for name, tcfg, teacher in (("plain", TrainConfig(batch_size=16), None),
+                                ("teacher", TrainConfig(batch_size=16, distill_coef=0.4, distill_policy_coef=1.0),
+                                 released_agent)):
+        one, s1 = train_offline(cfg, tcfg, dataset, str(tmp_path / name / "one"), RunConfig(steps=8, **quiet), teacher)
+        blk, s2 = train_offline(cfg, tcfg, dataset, str(tmp_path / name / "blk"), RunConfig(steps=8, block=2, **quiet),
+                                teacher)
+        assert blk.metadata["averaged_snapshots"] == one.metadata["averaged_snapshots"] == 3
+        for a, b in zip(jax.tree_util.tree_leaves((one.params, s1.params)), jax.tree_util.tree_leaves((blk.params, s2.params))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        r1, r2 = _rows(tmp_path / name / "one"), _rows(tmp_path / name / "blk")
+        assert [r["step"] for r in r1] == [r["step"] for r in r2] == [4, 8]
+        for k in r1[-1]:
+            if k not in ("step", "elapsed_s"):
+                assert r2[-1][k] == pytest.approx(r1[-1][k], rel=1e-4, abs=1e-6), k
+    # killed after its checkpoint at 4, resumed to 8, in blocks: bitwise the uninterrupted block run
+    tcfg = TrainConfig(batch_size=16)
+    train_offline(cfg, tcfg, dataset, str(tmp_path / "cut"), RunConfig(steps=4, block=2, **quiet))
+    resumed, _ = train_offline(cfg, tcfg, dataset, str(tmp_path / "cut"), RunConfig(steps=8, block=2, **quiet))
+    full = tdmpc_jax.load_checkpoint(tmp_path / "plain" / "blk" / "agent")
+    for a, b in zip(jax.tree_util.tree_leaves(resumed.params), jax.tree_util.tree_leaves(full.params)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        RunConfig(block=0)
+
+
 def test_average_window():
     from tdmpc_jax.offline import average_window
     assert average_window(3000, 1 / 3, 5) == dict(average_from=2000, average_every=250)
