@@ -5,6 +5,7 @@
   python experiments/study.py --stage=3                 # make distill's planner-objective recipe, 3 seeds
   python experiments/study.py --report                  # tables + figures from the finished units
   python experiments/study.py --stage=1 --only=0.23M-best-s1   # one unit (e.g. on a GPU machine)
+  python experiments/study.py --stage=2 --jobs=4 --block=50     # 4 units side by side (a GPU machine)
 Teacher: the released TD-MPC-Opt 1M student (checkpoints/td-mpc-opt, MIT). Rerunning skips finished
 units and resumes killed ones (see tdmpc_jax/study.py for the layout of --output).
 """
@@ -35,9 +36,12 @@ flags.DEFINE_integer("batch_size", 256, "batch size")
 flags.DEFINE_integer("collect_episodes", 20, "teacher episodes per task in the dataset")
 flags.DEFINE_integer("mppi_episodes", 3, "MPPI evaluation episodes per task")
 flags.DEFINE_integer("pi_episodes", 10, "policy-prior evaluation episodes per task")
+flags.DEFINE_integer("jobs", 1, "units run side by side, each in its own process (logs in OUTPUT/logs/); "
+                     "the data and the teacher's evaluation come first, in this process")
 flags.DEFINE_integer("eval_workers", -1, "environment worker processes per evaluation (0: step in-process; -1: "
                      "the backend's default, as evaluate.py --workers=-1)")
 cli.existing_path("teacher", "teacher_mppi")
+cli.positive_int("jobs")
 cli.positive_int("steps", "batch_size", "collect_episodes", "mppi_episodes", "pi_episodes")
 cli.int_range("stage", lo=1, hi=3)
 cli.int_range("eval_workers", lo=-1, hi=256)
@@ -93,6 +97,16 @@ def main(argv):
     ds = study.ensure_data(out, teacher, scfg)
     study._evaluate_into(os.path.join(out, "teacher", "eval_pi"), teacher, study.study_tasks(teacher, scfg),
                          scfg.pi_episodes, PlannerConfig(mpc=False), True)
+    if FLAGS.jobs > 1 and len(units) > 1:
+        # one process per unit; every flag that shapes a unit travels with it
+        same = [FLAGS[n].serialize() for n in ("teacher", "teacher_mppi", "output", "stage", "block", "steps", "batch_size",
+                                               "collect_episodes", "mppi_episodes", "pi_episodes", "eval_workers")]
+        codes = study.run_parallel([(u.name, [sys.executable, os.path.abspath(__file__), f"--only={u.name}", *same])
+                                    for u in units], FLAGS.jobs, os.path.join(out, "logs"), log=lambda m: print(m, flush=True))
+        failed = [n for n, c in codes.items() if c]
+        if failed:
+            raise RuntimeError(f"{len(failed)} unit(s) failed: {', '.join(failed)} (see {os.path.join(out, 'logs')})")
+        return
     t0 = time.perf_counter()
     for i, u in enumerate(units):
         rec = study.run_unit(out, u, teacher, ds, scfg, REPO, log=lambda m: print(m, flush=True),

@@ -210,6 +210,44 @@ def run_unit(out: str, unit: Unit, teacher, dataset, scfg: StudyConfig, repo: st
     return _done(os.path.join(d, "DONE"))
 
 
+def run_parallel(commands: Sequence[Tuple[str, List[str]]], jobs: int, log_dir: str, log=print,
+                 poll_s: float = 1.0) -> Dict[str, int]:
+    """Run (name, argv) commands as subprocesses, at most `jobs` at a time, in the given order; each one's
+    output goes to log_dir/<name>.log. Logs a line as each ends (with an ETA at the rate commands
+    have finished so far); -> {name: exit code}. Interrupted, it terminates the commands it started. Study
+    units are independent directories with their own locks, so units run side by side (a GPU machine's
+    host cores and device are shared; evaluations are host-bound there)."""
+    import subprocess
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    os.makedirs(log_dir, exist_ok=True)
+    queue, running, codes, t0 = list(commands), {}, {}, time.perf_counter()
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                name, argv = queue.pop(0)
+                f = open(os.path.join(log_dir, f"{name}.log"), "ab")
+                running[name] = (subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT), f)
+                log(f"[{name}] started ({len(running)} running, {len(queue)} waiting; log {f.name})")
+            for name, (proc, f) in list(running.items()):
+                if proc.poll() is not None:
+                    f.close()
+                    del running[name]
+                    codes[name] = proc.returncode
+                    el = time.perf_counter() - t0
+                    left = len(queue) + len(running)
+                    eta = el / len(codes) * left  # at the rate commands have finished so far
+                    log(f"[{name}] {'finished' if proc.returncode == 0 else f'FAILED (exit {proc.returncode})'}: "
+                        f"{len(codes)}/{len(codes) + left} after {el / 60:.1f} min, ETA {eta / 60:.0f} min")
+            time.sleep(poll_s if running else 0)
+    finally:
+        for proc, f in running.values():
+            proc.terminate()
+            proc.wait()
+            f.close()
+    return codes
+
+
 def _device() -> str:
     import jax
     d = jax.devices()[0]

@@ -71,6 +71,25 @@ def test_units_resume_and_report(tiny, teacher, tmp_path):
         recs["reward"]["learnable_params"]
 
 
+def test_run_parallel_keeps_to_jobs_and_reports_failures(tmp_path):
+    """--jobs: units as subprocesses, at most `jobs` at a time, in order, each with its own log."""
+    prog = ("import sys, time; open(sys.argv[1], 'a').write(f'start {time.time()}\\n'); time.sleep(0.4); "
+            "print('out of', sys.argv[2]); open(sys.argv[1], 'a').write(f'end {time.time()}\\n'); sys.exit(int(sys.argv[3]))")
+    cmds = [(f"u{i}", [sys.executable, "-c", prog, str(tmp_path / f"t{i}"), f"u{i}", "3" if i == 2 else "0"])
+            for i in range(5)]
+    lines = []
+    codes = study.run_parallel(cmds, 2, str(tmp_path / "logs"), log=lines.append, poll_s=0.05)
+    assert codes == {"u0": 0, "u1": 0, "u2": 3, "u3": 0, "u4": 0}
+    spans = [[float(l.split()[1]) for l in open(tmp_path / f"t{i}")] for i in range(5)]
+    for t, _ in spans:  # never more than 2 running at once
+        assert sum(a <= t < b for a, b in spans) <= 2
+    assert max(a for a, _ in spans) > min(b for _, b in spans)  # and the last waited for a slot
+    assert "out of u3" in open(tmp_path / "logs" / "u3.log").read()
+    assert any("u2" in l and "FAILED (exit 3)" in l for l in lines) and sum("finished" in l for l in lines) == 4
+    with pytest.raises(ValueError, match="jobs must be >= 1"):
+        study.run_parallel(cmds, 0, str(tmp_path / "logs"))
+
+
 def test_aggregates_follow_rliable_definitions():
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 100, (3, 30))
