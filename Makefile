@@ -36,8 +36,11 @@ distill:
 # the MT30 distillation study (resumable: rerun to continue; STAGE=2 for sizes/control/ablation, STAGE=3 for
 # make distill's planner-objective recipe)
 STAGE ?= 1
+# units side by side (JOBS processes) and updates per jitted call (BLOCK): for a GPU machine, e.g. JOBS=4 BLOCK=50
+JOBS ?= 1
+BLOCK ?= 1
 study:
-	$(BIN)/python experiments/study.py --stage=$(STAGE)
+	$(BIN)/python experiments/study.py --stage=$(STAGE) --jobs=$(JOBS) --block=$(BLOCK)
 	$(BIN)/python experiments/study.py --report
 
 study-report:

@@ -214,14 +214,22 @@ def run_parallel(commands: Sequence[Tuple[str, List[str]]], jobs: int, log_dir: 
                  poll_s: float = 1.0) -> Dict[str, int]:
     """Run (name, argv) commands as subprocesses, at most `jobs` at a time, in the given order; each one's
     output goes to log_dir/<name>.log. Logs a line as each ends (with an ETA at the rate commands
-    have finished so far); -> {name: exit code}. Interrupted, it terminates the commands it started. Study
+    have finished so far); -> {name: exit code}. Interrupted (Ctrl-C, SIGTERM), it terminates the
+    commands it started. Study
     units are independent directories with their own locks, so units run side by side (a GPU machine's
     host cores and device are shared; evaluations are host-bound there)."""
     import subprocess
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    import signal
+    import threading
     os.makedirs(log_dir, exist_ok=True)
     queue, running, codes, t0 = list(commands), {}, {}, time.perf_counter()
+
+    def stop(signum, frame):  # SIGTERM (e.g. `timeout`): end the commands too, not only this process
+        raise SystemExit(128 + signum)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
     try:
         while queue or running:
             while queue and len(running) < jobs:
@@ -245,6 +253,8 @@ def run_parallel(commands: Sequence[Tuple[str, List[str]]], jobs: int, log_dir: 
             proc.terminate()
             proc.wait()
             f.close()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return codes
 
 
@@ -343,7 +353,8 @@ def report(out: str, dest: str, teacher_mppi: dict, teacher_pi: Optional[dict], 
             if base in mppi_scores:
                 summary["improvement"][f"{z}/{a} > scratch"] = {
                     "mppi": probability_of_improvement(mppi_scores[f"{z}/{a}"], mppi_scores[base]),
-                    "pi": probability_of_improvement(pi_scores[f"{z}/{a}"], pi_scores[base])}
+                    "pi": probability_of_improvement(pi_scores[f"{z}/{a}"], pi_scores[base]),
+                    "runs": [int(mppi_scores[f"{z}/{a}"].shape[0]), int(mppi_scores[base].shape[0])]}
     atomic.write_file(os.path.join(dest, "summary.json"), json.dumps(summary, indent=1))
     atomic.write_file(os.path.join(dest, "summary.md"), _markdown(summary))
     plots.study_scaling(summary, os.path.join(dest, "score_vs_params.png"))
@@ -386,6 +397,9 @@ def _markdown(s: dict) -> str:
     if s["improvement"]:
         lines += ["", "| comparison | P(improvement), MPPI [95% CI] | policy prior [95% CI] |", "|---|---|---|"]
         for k, v in sorted(s["improvement"].items()):
-            lines.append(f"| {k} | {v['mppi']['p']:.2f} [{v['mppi']['ci95'][0]:.2f}, {v['mppi']['ci95'][1]:.2f}] | "
-                         f"{v['pi']['p']:.2f} [{v['pi']['ci95'][0]:.2f}, {v['pi']['ci95'][1]:.2f}] |")
+            # a side with one seed: the bootstrap over its runs has nothing to resample (a point, not a CI)
+            one = min(v.get("runs", [2])) < 2
+            p = (lambda x: f"{x['p']:.2f} (one seed: no CI)") if one else \
+                (lambda x: f"{x['p']:.2f} [{x['ci95'][0]:.2f}, {x['ci95'][1]:.2f}]")
+            lines.append(f"| {k} | {p(v['mppi'])} | {p(v['pi'])} |")
     return "\n".join(lines) + "\n"

@@ -65,7 +65,8 @@ def test_units_resume_and_report(tiny, teacher, tmp_path):
     for f in ("summary.json", "summary.md", "score_vs_params.png", "per_task_tiny.png", "runs/tiny-reward-s1.json"):
         assert os.path.getsize(os.path.join(dest, f)) > 0, f
     md = open(os.path.join(dest, "summary.md")).read()  # one seed per arm: no point interval passed off as a CI
-    assert md.count("(one seed: no CI)") == 2 * 3 and f"{g['mppi']['mean']:.1f} [" not in md
+    assert md.count("(one seed: no CI)") == 2 * 3 + 2 and f"{g['mppi']['mean']:.1f} [" not in md
+    assert s["improvement"]["tiny/reward > scratch"]["runs"] == [1, 1]
     import tdmpc_jax  # the main comparison's students are committed as Orbax checkpoints
     assert tdmpc_jax.load_checkpoint(os.path.join(dest, "students", "tiny-reward-s1")).num_params()["learnable"] == \
         recs["reward"]["learnable_params"]
@@ -120,3 +121,28 @@ def test_stages_and_bad_flags():
     assert r.returncode != 0
     lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
     assert lines[-1].startswith("error:") and "bogus-unit" in lines[-1]
+
+
+def test_run_parallel_stopped_by_sigterm_stops_its_commands(tmp_path):
+    """`timeout` or a scheduler ends the study with SIGTERM: the units it started end with it."""
+    import signal
+    import time
+    pidfile = tmp_path / "child.pid"
+    (tmp_path / "child.py").write_text(f"import os, time\nopen({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
+                                       "time.sleep(60)\n")
+    (tmp_path / "parent.py").write_text(
+        f"import sys\nsys.path.insert(0, {REPO!r})\nfrom tdmpc_jax import study\n"
+        f"study.run_parallel([('u', [sys.executable, {str(tmp_path / 'child.py')!r}])], 1, "
+        f"{str(tmp_path / 'logs')!r}, poll_s=0.05)\n")
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py")])
+    for _ in range(600):
+        if pidfile.exists() and pidfile.read_text():
+            break
+        time.sleep(0.05)
+    child = int(pidfile.read_text())
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) != 0
+    with pytest.raises(ProcessLookupError):  # terminated and reaped by the parent: gone
+        for _ in range(100):
+            os.kill(child, 0)
+            time.sleep(0.05)
