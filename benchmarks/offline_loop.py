@@ -49,6 +49,8 @@ def main(_):
     from tdmpc_jax.config import student_config
     from tdmpc_jax.offline import RunConfig, train_offline
 
+    if not all(b.strip().isdigit() for b in FLAGS.blocks):
+        sys.exit(f"error: --blocks={','.join(FLAGS.blocks)}: not a list of positive integers")
     blocks = [int(b) for b in FLAGS.blocks]
     if any(b < 1 or FLAGS.updates % b for b in blocks):
         sys.exit(f"error: --blocks={','.join(FLAGS.blocks)}: every block must be >= 1 and divide --updates={FLAGS.updates}")

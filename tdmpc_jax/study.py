@@ -215,14 +215,13 @@ def run_parallel(commands: Sequence[Tuple[str, List[str]]], jobs: int, log_dir: 
     """Run (name, argv) commands as subprocesses, at most `jobs` at a time, in the given order; each one's
     output goes to log_dir/<name>.log. Logs a line as each ends (with an ETA at the rate commands
     have finished so far); -> {name: exit code}. Interrupted (Ctrl-C, SIGTERM), it terminates the
-    commands it started. Study
-    units are independent directories with their own locks, so units run side by side (a GPU machine's
-    host cores and device are shared; evaluations are host-bound there)."""
+    commands it started. Study units are independent directories with their own locks, so units run
+    side by side (a GPU machine's host cores and device are shared; evaluations are host-bound there)."""
+    import signal
     import subprocess
+    import threading
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
-    import signal
-    import threading
     os.makedirs(log_dir, exist_ok=True)
     queue, running, codes, t0 = list(commands), {}, {}, time.perf_counter()
 
