@@ -30,7 +30,10 @@ flags.DEFINE_integer("stage", 1, "1: main comparison; 2: sizes, control, ablatio
                      "recipe of make distill at the main size")
 flags.DEFINE_list("only", [], "run only these units (names as in runs/, e.g. 0.23M-best-s1)")
 cli.block_flag()
-flags.DEFINE_bool("report", False, "rebuild the tables and figures from finished units, then exit")
+flags.DEFINE_bool("report", False, "rebuild the tables and figures from finished units (those under --output and "
+                  "those whose per-run JSON is committed under --results/runs), then exit")
+flags.DEFINE_bool("redo_committed", False, "run units again whose results are committed under --results/runs "
+                  "(default: they count as finished)")
 flags.DEFINE_integer("steps", 10_000, "updates per student")
 flags.DEFINE_integer("batch_size", 256, "batch size")
 flags.DEFINE_integer("collect_episodes", 20, "teacher episodes per task in the dataset")
@@ -81,6 +84,18 @@ def main(argv):
     units = study.stage_units(FLAGS.stage)
     if FLAGS.only:
         units = [u for u in units if u.name in FLAGS.only]
+    if not FLAGS.report and not FLAGS.redo_committed:
+        # units whose results are committed (--results/runs/<unit>.json, e.g. run on another machine or
+        # before this clone) are finished: the report reads them from there
+        committed = {u.name for u, *_ in study.committed_units(FLAGS.results)}
+        for u in units:
+            if u.name in committed:
+                print(f"[{u.name}] finished: committed in {os.path.join(FLAGS.results, 'runs', u.name + '.json')} "
+                      f"(--redo_committed runs it again)", flush=True)
+        units = [u for u in units if u.name not in committed]
+        if not units:
+            print("every unit asked for is finished; --report rebuilds the tables and figures", flush=True)
+            return
     teacher_mppi = _read_json(FLAGS.teacher_mppi)
     import tdmpc_jax
     from tdmpc_jax.planner import PlannerConfig
@@ -100,7 +115,8 @@ def main(argv):
     if FLAGS.jobs > 1 and len(units) > 1:
         # one process per unit; every flag that shapes a unit travels with it
         same = [FLAGS[n].serialize() for n in ("teacher", "teacher_mppi", "output", "stage", "block", "steps", "batch_size",
-                                               "collect_episodes", "mppi_episodes", "pi_episodes", "eval_workers")]
+                                               "collect_episodes", "mppi_episodes", "pi_episodes", "eval_workers", "results",
+                                               "redo_committed")]
         codes = study.run_parallel([(u.name, [sys.executable, os.path.abspath(__file__), f"--only={u.name}", *same])
                                     for u in units], FLAGS.jobs, os.path.join(out, "logs"), log=lambda m: print(m, flush=True))
         failed = [n for n, c in codes.items() if c]

@@ -270,8 +270,10 @@ def _log_rows(path):
 
 # --- report ---------------------------------------------------------------------------------------
 
-def finished_units(out: str) -> List[Tuple[Unit, dict, dict, dict]]:
-    """(unit, DONE record, MPPI results, policy-prior results) of every finished unit."""
+def finished_units(out: str, dest: Optional[str] = None) -> List[Tuple[Unit, dict, dict, dict]]:
+    """(unit, DONE record, MPPI results, policy-prior results) of every finished unit: those under
+    out/runs, then (with `dest`) those whose directory is not here but whose per-run JSON an earlier
+    report committed to dest/runs (`committed_units`)."""
     from tdmpc_jax.results_io import read_results
     found = []
     runs = os.path.join(out, "runs")
@@ -282,6 +284,34 @@ def finished_units(out: str) -> List[Tuple[Unit, dict, dict, dict]]:
         u = Unit(**rec["unit"])
         found.append((u, rec, read_results(os.path.join(runs, name, "eval_mppi")),
                       read_results(os.path.join(runs, name, "eval_pi"))))
+    if dest is not None:
+        found += committed_units(dest, {u.name for u, _, _, _ in found})
+    return sorted(found, key=lambda f: f[0].name)
+
+
+def committed_units(dest: str, skip=frozenset()) -> List[Tuple[Unit, dict, dict, dict]]:
+    """Finished units known only by the per-run JSON a report committed (dest/runs/<unit>.json: the DONE
+    record plus per-task MPPI and policy-prior means), except those named in `skip`. A study continued
+    on another machine or in a fresh clone, where the earlier units' directories are not, reports
+    them with the new ones. The files are only parsed (json), checked and never written here."""
+    runs = os.path.join(dest, "runs")
+    found = []
+    for fname in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+        name, ext = os.path.splitext(fname)
+        if ext != ".json" or name in skip:
+            continue
+        path = os.path.join(runs, fname)
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+            u = Unit(**rec["unit"])
+            if u.name != name or u.size not in SIZES or u.arm not in ARMS:
+                raise ValueError(f"its unit is {u.name!r}, not a study unit named as the file")
+            res = [{"normalized_score": float(rec[k + "_normalized_score"]),
+                    "tasks": {t: {"mean": float(v)} for t, v in rec[k + "_tasks"].items()}} for k in ("mppi", "pi")]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: not a per-run record of the study ({type(e).__name__}: {e})") from None
+        found.append((u, rec, res[0], res[1]))
     return found
 
 
@@ -315,7 +345,7 @@ def probability_of_improvement(x: np.ndarray, y: np.ndarray, reps: int = 2000, s
 def report(out: str, dest: str, teacher_mppi: dict, teacher_pi: Optional[dict], teacher_params: int) -> dict:
     """Rebuild summary.json, summary.md, per-run JSON and the figures in `dest` from finished units."""
     from tdmpc_jax import plots
-    units = finished_units(out)
+    units = finished_units(out, dest)
     if not units:
         raise ValueError(f"{out}: no finished study unit yet")
     tasks = [t for t in teacher_mppi["tasks"] if all(t in u[2]["tasks"] for u in units)]
@@ -329,9 +359,9 @@ def report(out: str, dest: str, teacher_mppi: dict, teacher_pi: Optional[dict], 
     for u, _, _, _ in units:  # the students of the main comparison, as Orbax checkpoints
         if u.size == MAIN_SIZE and u.arm in STUDENT_ARMS:
             target = os.path.join(dest, "students", u.name)
-            if not os.path.exists(os.path.join(target, "DONE")):
-                atomic.replace_dir(target, lambda tmp, u=u: shutil.copytree(
-                    os.path.join(out, "runs", u.name, "train", "agent"), tmp, dirs_exist_ok=True))
+            trained = os.path.join(out, "runs", u.name, "train", "agent")
+            if not os.path.exists(os.path.join(target, "DONE")) and os.path.isdir(trained):
+                atomic.replace_dir(target, lambda tmp, src=trained: shutil.copytree(src, tmp, dirs_exist_ok=True))
     mppi_scores = {f"{z}/{a}": score_matrix([g[2] for g in v], tasks) for (z, a), v in groups.items()}
     pi_scores = {f"{z}/{a}": score_matrix([g[3] for g in v], tasks) for (z, a), v in groups.items()}
     agg_mppi, agg_pi = aggregate(mppi_scores), aggregate(pi_scores)

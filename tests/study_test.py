@@ -71,6 +71,46 @@ def test_units_resume_and_report(tiny, teacher, tmp_path):
     assert tdmpc_jax.load_checkpoint(os.path.join(dest, "students", "tiny-reward-s1")).num_params()["learnable"] == \
         recs["reward"]["learnable_params"]
 
+    # a fresh study directory (a fresh clone, another machine): the units' directories are gone, their
+    # committed per-run JSON is not, and the report rebuilt from it is the same report
+    fresh = str(tmp_path / "fresh")
+    assert study.report(fresh, dest, teacher_mppi, None, teacher.num_params()["learnable"]) == s
+    assert [u.name for u, *_ in study.committed_units(dest, skip={"tiny-scratch-s1"})] == ["tiny-reward-s1"]
+    # a unit's own directory wins over its committed record
+    with open(os.path.join(dest, "runs", "tiny-reward-s1.json")) as f:
+        rec = json.load(f)
+    rec["mppi_tasks"] = {t: 0.0 for t in rec["mppi_tasks"]}
+    with open(os.path.join(dest, "runs", "tiny-reward-s1.json"), "w") as f:
+        json.dump(rec, f)
+    assert study.report(out, dest, teacher_mppi, None, teacher.num_params()["learnable"]) == s
+    for bad in ("{not json", json.dumps({**rec, "unit": {**rec["unit"], "seed": 2}}), json.dumps({"unit": rec["unit"]})):
+        with open(os.path.join(dest, "runs", "tiny-reward-s1.json"), "w") as f:
+            f.write(bad)
+        with pytest.raises(ValueError, match="tiny-reward-s1.json: not a per-run record"):
+            study.report(fresh, dest, teacher_mppi, None, teacher.num_params()["learnable"])
+
+
+def test_units_with_committed_results_are_not_redone(tmp_path):
+    """A unit whose per-run JSON is committed under --results is finished: nothing is collected or run
+    (a malformed record is an error before any work)."""
+    results, out = tmp_path / "results", tmp_path / "study"
+    (results / "runs").mkdir(parents=True)
+    name = "0.23M-best-s1"
+    for src, to in ((os.path.join("runs", name + ".json"),) * 2, (".tdmpc_jax-output.json",) * 2):
+        with open(os.path.join(REPO, "docs", "results", "study", src)) as f:  # a study-results directory
+            (results / to).write_text(f.read())
+    cmd = [sys.executable, os.path.join(REPO, "experiments", "study.py"), f"--only={name}", f"--results={results}",
+           f"--output={out}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert f"[{name}] finished: committed" in r.stdout and "every unit asked for is finished" in r.stdout
+    assert not out.exists()
+    (results / "runs" / (name + ".json")).write_text("[]")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert r.returncode != 0 and lines[-1].startswith("error:") and "not a per-run record" in lines[-1]
+    assert not out.exists()
+
 
 def test_run_parallel_keeps_to_jobs_and_reports_failures(tmp_path):
     """--jobs: units as subprocesses, at most `jobs` at a time, in order, each with its own log."""
