@@ -32,6 +32,9 @@ flags.DEFINE_list("only", [], "run only these units (names as in runs/, e.g. 0.2
 cli.block_flag()
 flags.DEFINE_bool("report", False, "rebuild the tables and figures from finished units (those under --output and "
                   "those whose per-run JSON is committed under --results/runs), then exit")
+flags.DEFINE_bool("diagnose", False, "measure what limits the students (data coverage; reward and policy fit of "
+                  "the teacher and of the main size's students on the study's dataset) into --results/diagnosis.*, "
+                  "then exit")
 flags.DEFINE_bool("redo_committed", False, "run units again whose results are committed under --results/runs "
                   "(default: they count as finished)")
 flags.DEFINE_integer("steps", 10_000, "updates per student")
@@ -84,7 +87,7 @@ def main(argv):
     units = study.stage_units(FLAGS.stage)
     if FLAGS.only:
         units = [u for u in units if u.name in FLAGS.only]
-    if not FLAGS.report and not FLAGS.redo_committed:
+    if not FLAGS.report and not FLAGS.diagnose and not FLAGS.redo_committed:
         # units whose results are committed (--results/runs/<unit>.json, e.g. run on another machine or
         # before this clone) are finished: the report reads them from there
         committed = {u.name for u, *_ in study.committed_units(FLAGS.results)}
@@ -101,6 +104,11 @@ def main(argv):
     from tdmpc_jax.planner import PlannerConfig
     teacher = tdmpc_jax.load_checkpoint(FLAGS.teacher)
     from tdmpc_jax.results_io import claim_output
+    if FLAGS.diagnose:
+        claim_output(FLAGS.results, "study-results", FLAGS.overwrite)
+        study.diagnose(out, FLAGS.results, teacher, teacher_mppi)
+        print(open(os.path.join(FLAGS.results, "diagnosis.md")).read())
+        return
     if FLAGS.report:
         claim_output(FLAGS.results, "study-results", FLAGS.overwrite)
         pi_path = os.path.join(out, "teacher", "eval_pi", "results.json")

@@ -138,3 +138,36 @@ def study_per_task(scores: Dict[str, np.ndarray], tasks: Sequence[str], teacher:
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
+
+
+def study_coverage(cov: dict, arms: Sequence[str], out_png: str, title: str):
+    """Per task: return of the policy that collected the data (x) against the teacher's MPPI and each arm's
+    mean MPPI return (y), with the y = x line: what lies below it, the agent did worse than its data."""
+    plt = _plt()
+    tasks = list(cov["tasks"])
+    x = np.asarray([cov["tasks"][t]["data"] for t in tasks])
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    ax.plot([0, 1000], [0, 1000], color="0.6", lw=1, ls="--", label="y = data policy")
+    ax.scatter(x, [cov["tasks"][t]["teacher_mppi"] for t in tasks], s=46, facecolors="none", edgecolors="k",
+               label="teacher MPPI")
+    for c, arm in zip(_colors(len(arms)), arms):
+        a = cov["arms"][arm]
+        ax.scatter(x, [cov["tasks"][t][arm] for t in tasks], s=18, color=c, alpha=0.85,
+                   label=f"{arm} ({a['runs']} runs): {100 * a['of_data']:.0f}% of data, {100 * a['of_teacher']:.0f}% "
+                         f"of teacher")
+    named = [i for i in np.argsort(x)  # the tasks the teacher's planner wins far beyond its data, and the easy ones
+             if cov["tasks"][tasks[i]]["teacher_mppi"] - x[i] > 300 or x[i] > 600]
+    for k, i in enumerate(named):  # alternate above / below: neighbours' names do not overlap
+        ax.annotate(tasks[i], (x[i], cov["tasks"][tasks[i]]["teacher_mppi"]), fontsize=7,
+                    xytext=(5, 4 if k % 2 == 0 else -11), textcoords="offset points")
+    ax.set_xlim(-20, 1020)
+    ax.set_ylim(-20, 1020)
+    ax.set_xlabel("return of the data's policy (teacher policy prior, sampled), per task")
+    ax.set_ylabel("MPPI return, per task")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7.5, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)

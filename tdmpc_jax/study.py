@@ -394,6 +394,74 @@ def report(out: str, dest: str, teacher_mppi: dict, teacher_pi: Optional[dict], 
     return summary
 
 
+def diagnose(out: str, dest: str, teacher, teacher_mppi: dict, per_task: int = 512) -> dict:
+    """What limits the students (`tdmpc_jax.diagnosis`), written to dest/diagnosis.{json,md} and
+    dest/coverage.png: data coverage over every finished unit (each arm over all sizes), and the reward /
+    policy fit of the main size's committed students (dest/students) and of the teacher on the study's
+    dataset."""
+    import tdmpc_jax
+    from tdmpc_jax import diagnosis, plots
+    from tdmpc_jax.data import Dataset
+    data_done = _done(os.path.join(out, "data", "DONE"))
+    if data_done is None or not isinstance(data_done.get("returns"), dict):
+        raise ValueError(f"{os.path.join(out, 'data')}: no finished study dataset (any stage collects it first)")
+    units = finished_units(out, dest)
+    if not units:
+        raise ValueError(f"{out}: no finished study unit yet")
+    tasks = [t for t in teacher_mppi["tasks"] if t in data_done["returns"] and all(t in u[2]["tasks"] for u in units)]
+    by_arm: Dict[str, list] = {}
+    for u, _, mppi, _ in units:
+        by_arm.setdefault(u.arm, []).append(mppi)
+    cov = diagnosis.coverage(data_done["returns"], teacher_mppi, {a: score_matrix(v, tasks) for a, v in by_arm.items()},
+                             tasks)
+    sdir = os.path.join(dest, "students")
+    students = {n: tdmpc_jax.load_checkpoint(os.path.join(sdir, n))
+                for n in sorted(os.listdir(sdir)) if os.path.isdir(sdir)} if os.path.isdir(sdir) else {}
+    fits = diagnosis.fit(students, teacher, Dataset(os.path.join(out, "data")), per_task)
+    per_agent = diagnosis.summarize_fit(fits)
+    per_arm: Dict[str, dict] = {"teacher": {**per_agent["teacher"], "runs": 1}}
+    for n in students:
+        arm = n.split("-", 1)[1].rsplit("-s", 1)[0]
+        per_arm.setdefault(arm, {"runs": 0, **{k: [] for k in per_agent[n]}})
+        per_arm[arm]["runs"] += 1
+        for k, v in per_agent[n].items():
+            per_arm[arm][k].append(v)
+    for arm, v in per_arm.items():
+        if arm != "teacher":
+            per_arm[arm] = {k: (x if k == "runs" else float(np.mean(x))) for k, x in v.items()}
+    res = {"coverage": cov, "fit": {"per_arm": per_arm, "per_agent": per_agent, "per_task": fits,
+                                    "transitions_per_task": per_task, "students": list(students)}}
+    atomic.write_file(os.path.join(dest, "diagnosis.json"), json.dumps(res, indent=1))
+    atomic.write_file(os.path.join(dest, "diagnosis.md"), _diagnosis_markdown(res))
+    arms = [a for a in ("scratch", "reward", "plan") if a in cov["arms"]]
+    plots.study_coverage(cov, arms, os.path.join(dest, "coverage.png"),
+                         "MT30 per task: the students against the data that trained them (every size)")
+    return res
+
+
+def _diagnosis_markdown(res: dict) -> str:
+    cov, fit = res["coverage"], res["fit"]["per_arm"]
+    lines = [f"The data's policy (teacher policy prior, sampled) scores {100 * cov['data_of_teacher']:.0f}% of the "
+             "teacher's MPPI return summed over tasks.", "",
+             "| arm (every size) | runs | MPPI return, % of the data policy | % of the teacher's MPPI | "
+             "Spearman over tasks with the data | with the teacher |", "|---|---|---|---|---|---|"]
+    for a, v in sorted(cov["arms"].items()):
+        lines.append(f"| {a} | {v['runs']} | {100 * v['of_data']:.0f}% | {100 * v['of_teacher']:.0f}% | "
+                     f"{v['spearman_data']:.2f} | {v['spearman_teacher']:.2f} |")
+    lines += ["", f"Fit on the study's dataset ({res['fit']['transitions_per_task']} transitions per task, the same "
+              f"for every agent; students: the main size's committed checkpoints, mean over seeds):", "",
+              "| agent | runs | reward R^2 (median over tasks) | reward MAE (mean) | tasks with a lower reward MAE "
+              "than the teacher's | policy-mean MSE vs the teacher | vs the data's actions |",
+              "|---|---|---|---|---|---|---|"]
+    for a, v in fit.items():
+        below = "" if a == "teacher" else f"{v['tasks_reward_mae_below_teacher']:.1f} of {v['tasks']:.0f}"
+        lines.append(f"| {a} | {v['runs']} | {v['reward_r2_median']:.2f} | {v['reward_mae']:.3f} | {below} | "
+                     f"{v['pi_mse_teacher']:.3f} | {v['pi_mse_data']:.3f} |")
+    lines += ["", "Policy-mean MSE: these policies act mostly at +-1 (the teacher's mean action is beyond 0.99 in "
+              "three quarters of the action dims), so 0 is the same action and 2 an unrelated one."]
+    return "\n".join(lines) + "\n"
+
+
 def _per_device(recs) -> Dict[str, float]:
     """Mean seconds per update by device: runs trained on different machines are not averaged together
     (a record without "device" was trained on the CPU, before the field existed)."""

@@ -71,6 +71,17 @@ def test_units_resume_and_report(tiny, teacher, tmp_path):
     assert tdmpc_jax.load_checkpoint(os.path.join(dest, "students", "tiny-reward-s1")).num_params()["learnable"] == \
         recs["reward"]["learnable_params"]
 
+    # what limits the students: coverage over every finished unit, fit of the committed students
+    diag = study.diagnose(out, dest, teacher, teacher_mppi, per_task=8)
+    assert set(diag["fit"]["per_arm"]) == {"teacher", "scratch", "reward"}
+    assert diag["fit"]["students"] == ["tiny-reward-s1", "tiny-scratch-s1"]
+    assert diag["fit"]["per_arm"]["teacher"]["pi_mse_teacher"] == 0.0
+    assert set(diag["coverage"]["arms"]) == {"scratch", "reward"} and sorted(diag["coverage"]["tasks"]) == sorted(TASKS)
+    for f in ("diagnosis.json", "diagnosis.md", "coverage.png"):
+        assert os.path.getsize(os.path.join(dest, f)) > 0, f
+    with pytest.raises(ValueError, match="no finished study dataset"):
+        study.diagnose(str(tmp_path / "nodata"), dest, teacher, teacher_mppi)
+
     # a fresh study directory (a fresh clone, another machine): the units' directories are gone, their
     # committed per-run JSON is not, and the report rebuilt from it is the same report
     fresh = str(tmp_path / "fresh")
@@ -88,6 +99,30 @@ def test_units_resume_and_report(tiny, teacher, tmp_path):
             f.write(bad)
         with pytest.raises(ValueError, match="tiny-reward-s1.json: not a per-run record"):
             study.report(fresh, dest, teacher_mppi, None, teacher.num_params()["learnable"])
+
+
+def test_diagnosis_measures_on_aligned_transitions(teacher, tmp_path):
+    """The fit is measured at (obs_t, action_t, reward_t) of one transition (an off-by-one would pair an
+    observation with the next step's action and reward), equally many per task; the teacher agrees with
+    itself; coverage's fractions and rank correlations follow their definitions."""
+    from tdmpc_jax import diagnosis
+    ds = study.ensure_data(str(tmp_path / "study"), teacher, SCFG)
+    obs, action, reward, task = diagnosis.sample_transitions(ds, 16, seed=3)
+    assert np.unique(task, return_counts=True)[1].tolist() == [16] * len(TASKS)
+    rows = {ds.arrays["obs"][i].tobytes(): i for i in range(ds.num_steps)}
+    for o, a, r in zip(obs, action, reward):
+        i = rows[o.tobytes()]  # the next row holds the action taken at this observation and its reward
+        assert np.array_equal(ds.arrays["action"][i + 1], a) and ds.arrays["reward"][i + 1] == r
+    fits = diagnosis.fit({"same": teacher}, teacher, ds, per_task=16)
+    assert fits["same"] == fits["teacher"]
+    assert all(v["pi_mse_teacher"] == 0.0 and v["reward_mae"] >= 0 for v in fits["teacher"].values())
+    summ = diagnosis.summarize_fit(fits)
+    assert summ["same"]["tasks_reward_mae_below_teacher"] == 0 and summ["same"]["tasks"] == len(TASKS)
+    ref = {"tasks": {"a": {"mean": 100.0}, "b": {"mean": 300.0}, "c": {"mean": 600.0}}}
+    cov = diagnosis.coverage({"a": 50.0, "b": 100.0, "c": 200.0}, ref, {"x": np.array([[1.0, 2.0, 4.0], [3.0, 4.0, 8.0]])},
+                             ["a", "b", "c"])
+    assert cov["arms"]["x"]["of_data"] == pytest.approx((20 + 30 + 60) / 350) and cov["data_of_teacher"] == pytest.approx(0.35)
+    assert cov["arms"]["x"]["spearman_data"] == pytest.approx(1.0) and cov["tasks"]["c"]["x"] == pytest.approx(60.0)
 
 
 def test_units_with_committed_results_are_not_redone(tmp_path):
