@@ -15,7 +15,7 @@ DISTILL_FLAGS = $(if $(TEACHER),--teacher=$(TEACHER)) $(if $(DATA),--data=$(DATA
 	$(if $(SIZE),--student_size=$(SIZE)) $(if $(STEPS),--steps=$(STEPS)) \
 	$(if $(EPISODES),--episodes=$(EPISODES)) $(if $(OUT),--output=$(OUT))
 
-.PHONY: install test distill study study-report bench clean
+.PHONY: install test distill study study-report study-diagnose bench clean
 
 install: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
@@ -45,6 +45,10 @@ study:
 
 study-report:
 	$(BIN)/python experiments/study.py --report
+
+# what limits the students: data coverage, reward and policy fit on the study's dataset (docs/results/study/diagnosis.*)
+study-diagnose:
+	$(BIN)/python experiments/study.py --diagnose
 
 # train_step.py prints the update's ms, XLA FLOPs, the same-run matmul peak and both roofline multiples
 # (one core; a GPU line, `GPU: pending` without one) with the plain update as same-run baseline.
