@@ -8,7 +8,8 @@ Three questions the MT30 study's scores alone cannot answer, each measured, not 
     the data's own rewards as well as the teacher does, a term that regresses the student's reward onto
     the teacher's adds little information (`fit`);
   * imitation: how far each agent's policy mean (eval mode, tanh-squashed, the task's action dims) is
-    from the teacher's on the same states, and from the dataset's (sampled) actions (`fit`).
+    from the teacher's on the same states, and from the dataset's (sampled) actions; and how often it
+    sits at the bounds (`fit`).
 Everything is computed on slices drawn from the dataset with a fixed seed, so agents are compared on the
 same states.
 """
@@ -65,7 +66,8 @@ def fit(agents: Dict[str, object], teacher, dataset, per_task: int = 512, seed: 
                 "reward_mae": float(np.mean(np.abs(r[m] - reward[m]))),
                 "reward_r2": 1.0 - float(np.mean((r[m] - reward[m]) ** 2)) / var if var > 1e-4 else None,
                 "pi_mse_teacher": sq(pi[m], t_pi[m]),
-                "pi_mse_data": sq(pi[m], action[m])}
+                "pi_mse_data": sq(pi[m], action[m]),
+                "pi_saturated": float(np.sum((np.abs(pi[m]) > 0.99) * valid[m]) / np.sum(valid[m]))}
         out[name] = rows
     return out
 
@@ -97,7 +99,8 @@ def summarize_fit(fits: dict) -> Dict[str, dict]:
     """Per agent, over tasks: median reward R^2 (tasks whose rewards vary; the median, as one task with
     near-constant rewards can drive a mean to any negative value), mean reward MAE, the number of tasks
     where its reward MAE is below the teacher's, mean policy MSE against the teacher and against the data
-    (for actions at +-1, as these policies mostly are, 0 is the same action and 2 an unrelated one)."""
+    (for actions at +-1, as these policies mostly are, 0 is the same action and 2 an unrelated one), and
+    the fraction of action dims where its policy mean is beyond +-0.99."""
     out = {}
     teacher = fits.get("teacher", {})
     for name, rows in fits.items():
@@ -108,5 +111,6 @@ def summarize_fit(fits: dict) -> Dict[str, dict]:
                                                                for t, v in rows.items() if t in teacher)),
                      "pi_mse_teacher": float(np.mean([v["pi_mse_teacher"] for v in rows.values()])),
                      "pi_mse_data": float(np.mean([v["pi_mse_data"] for v in rows.values()])),
+                     "pi_saturated": float(np.mean([v["pi_saturated"] for v in rows.values()])),
                      "tasks": len(rows), "tasks_with_r2": len(r2)}
     return out

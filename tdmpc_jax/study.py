@@ -457,8 +457,9 @@ def _diagnosis_markdown(res: dict) -> str:
         below = "" if a == "teacher" else f"{v['tasks_reward_mae_below_teacher']:.1f} of {v['tasks']:.0f}"
         lines.append(f"| {a} | {v['runs']} | {v['reward_r2_median']:.2f} | {v['reward_mae']:.3f} | {below} | "
                      f"{v['pi_mse_teacher']:.3f} | {v['pi_mse_data']:.3f} |")
-    lines += ["", "Policy-mean MSE: these policies act mostly at +-1 (the teacher's mean action is beyond 0.99 in "
-              "three quarters of the action dims), so 0 is the same action and 2 an unrelated one."]
+    sat = ", ".join(f"{a} {100 * v['pi_saturated']:.0f}%" for a, v in fit.items())
+    lines += ["", f"Policy-mean MSE: where actions sit at +-1, 0 is the same action and 2 an unrelated one. Action "
+              f"dims where the policy mean is beyond +-0.99: {sat}."]
     return "\n".join(lines) + "\n"
 
 
