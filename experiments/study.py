@@ -3,6 +3,7 @@
   python experiments/study.py --stage=1                 # main size: scratch vs reward vs best, 3 seeds
   python experiments/study.py --stage=2                 # other sizes, the 1.4M control, the ablation
   python experiments/study.py --stage=3                 # make distill's planner-objective recipe, 3 seeds
+  python experiments/study.py --stage=4 --jobs=4 --block=50     # the main size on teacher-MPPI data (a GPU machine)
   python experiments/study.py --report                  # tables + figures from the finished units
   python experiments/study.py --stage=1 --only=0.23M-best-s1   # one unit (e.g. on a GPU machine)
   python experiments/study.py --stage=2 --jobs=4 --block=50     # 4 units side by side (a GPU machine)
@@ -27,7 +28,8 @@ flags.DEFINE_string("results", os.path.join(REPO, "docs", "results", "study"), "
 flags.DEFINE_string("teacher_mppi", os.path.join(REPO, "tests", "data", "reference", "released_1M_mppi_mt30_10ep.json"),
                     "the teacher's MPPI evaluation (results.json format): the reference line")
 flags.DEFINE_integer("stage", 1, "1: main comparison; 2: sizes, control, ablation; 3: the planner-objective "
-                     "recipe of make distill at the main size")
+                     "recipe of make distill at the main size; 4: the main size on the teacher's MPPI data "
+                     "(collected first: ~5 min on one H100, ~11 h on one CPU core)")
 flags.DEFINE_list("only", [], "run only these units (names as in runs/, e.g. 0.23M-best-s1)")
 cli.block_flag()
 flags.DEFINE_bool("report", False, "rebuild the tables and figures from finished units (those under --output and "
@@ -49,7 +51,7 @@ flags.DEFINE_integer("eval_workers", -1, "environment worker processes per evalu
 cli.existing_path("teacher", "teacher_mppi")
 cli.positive_int("jobs")
 cli.positive_int("steps", "batch_size", "collect_episodes", "mppi_episodes", "pi_episodes")
-cli.int_range("stage", lo=1, hi=3)
+cli.int_range("stage", lo=1, hi=4)
 cli.int_range("eval_workers", lo=-1, hi=256)
 cli.output("output", "study")
 cli.output("results", "study-results")
@@ -57,7 +59,7 @@ cli.output("results", "study-results")
 
 def _check_only(v):
     from tdmpc_jax.study import stage_units
-    names = [u.name for u in stage_units(v["stage"])] if v["stage"] in (1, 2, 3) else []
+    names = [u.name for u in stage_units(v["stage"])] if v["stage"] in (1, 2, 3, 4) else []
     bad = [n for n in v["only"] or [] if n not in names]
     if bad:
         raise ValueError(f"--only={','.join(v['only'])}: {bad[0]!r} is not a stage-{v['stage']} unit "
@@ -65,13 +67,9 @@ def _check_only(v):
 
 
 def _check_only_names(v):
-    from tdmpc_jax.study import ARMS, SIZES
+    from tdmpc_jax.study import parse_unit_name
     for n in v or []:
-        size, _, rest = n.partition("-")
-        arm, _, seed = rest.rpartition("-s")
-        if size not in SIZES or arm not in ARMS or not seed.isdigit():
-            raise ValueError(f"{n!r} is not a unit name <size>-<arm>-s<seed> (sizes {', '.join(SIZES)}; "
-                             f"arms {', '.join(ARMS)})")
+        parse_unit_name(n)
 
 
 cli.rule("only", _check_only_names)
@@ -117,7 +115,8 @@ def main(argv):
         print(open(os.path.join(FLAGS.results, "summary.md")).read())
         return
     claim_output(out, "study", FLAGS.overwrite)
-    ds = study.ensure_data(out, teacher, scfg)
+    # the datasets these units train on (each collected once; study.DATA)
+    datasets = {d: study.ensure_data(out, teacher, scfg, data=d) for d in sorted({u.data for u in units})}
     study._evaluate_into(os.path.join(out, "teacher", "eval_pi"), teacher, study.study_tasks(teacher, scfg),
                          scfg.pi_episodes, PlannerConfig(mpc=False), True)
     if FLAGS.jobs > 1 and len(units) > 1:
@@ -133,7 +132,7 @@ def main(argv):
         return
     t0 = time.perf_counter()
     for i, u in enumerate(units):
-        rec = study.run_unit(out, u, teacher, ds, scfg, REPO, log=lambda m: print(m, flush=True),
+        rec = study.run_unit(out, u, teacher, datasets[u.data], scfg, REPO, log=lambda m: print(m, flush=True),
                              eval_workers=FLAGS.eval_workers, block=FLAGS.block)
         el = time.perf_counter() - t0
         print(f"== unit {i + 1}/{len(units)} {u.name}: MPPI {rec['mppi_normalized_score']:.1f}, policy prior "

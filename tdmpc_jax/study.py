@@ -52,6 +52,9 @@ ARMS: Dict[str, Dict[str, float]] = {
     # stage 3: `make distill`'s planner-objective recipe (README), the student's Q from the teacher (no TD)
     "plan": {"distill_coef": 0.4, "distill_policy_coef": 1.0, "distill_plan_coef": 1.0, "distill_plan_rank_coef": 10.0,
              "value_coef": 0.0},
+    # stage 4 (teacher-MPPI data): plan, with the policy also pulled toward the dataset's MPPI actions
+    "plan+action": {"distill_coef": 0.4, "distill_policy_coef": 1.0, "distill_plan_coef": 1.0,
+                    "distill_plan_rank_coef": 10.0, "distill_action_coef": 1.0, "value_coef": 0.0},
 }
 MAIN_ARMS = ("scratch", "reward", "best")
 # the other sizes: scratch, the paper's reward term, and the best combination measured at the main size
@@ -59,6 +62,14 @@ MAIN_ARMS = ("scratch", "reward", "best")
 SIZE_ARMS = ("scratch", "reward", "plan")
 ABLATION_ARMS = ("reward", "reward+policy", "reward+q", "reward+kl", "best", "all")
 STUDENT_ARMS = MAIN_ARMS + ("plan",)  # the main size's students committed as checkpoints by the report
+MPPI_DATA_ARMS = ("scratch", "reward", "plan", "plan+action")
+
+# The study's datasets, each collected once by the teacher, `collect_episodes` per task, seed 1. "pi" is
+# the data of stages 1-3; "mppi" (stage 4) holds the teacher's planning: README "Why not 60%".
+DATA: Dict[str, dict] = {
+    "pi": {"dir": "data", "mpc": False, "acting": "teacher policy prior, sampled (eval_mode=False)"},
+    "mppi": {"dir": "data-mppi", "mpc": True, "acting": "teacher MPPI, official planner settings (eval_mode=False)"},
+}
 
 
 def train_config(arm: str, batch_size: int):
@@ -86,17 +97,36 @@ class Unit:
     size: str
     arm: str
     seed: int
+    data: str = "pi"  # a DATA key
 
     @property
     def name(self) -> str:
-        return f"{self.size}-{self.arm}-s{self.seed}"
+        return f"{self.size}-{self.arm}-s{self.seed}" if self.data == "pi" else \
+            f"{self.size}-{self.arm}-{self.data}-s{self.seed}"
+
+    @property
+    def group(self) -> str:
+        """The arm as the report groups it: the arm, tagged with its data where that is not the "pi" data."""
+        return self.arm if self.data == "pi" else f"{self.arm}@{self.data}"
+
+
+def parse_unit_name(name: str) -> Unit:
+    """'<size>-<arm>[-<data>]-s<seed>' -> Unit (ValueError naming what is wrong)."""
+    size, _, rest = str(name).partition("-")
+    body, _, seed = rest.rpartition("-s")
+    arm, _, data = body.partition("-")
+    if size not in SIZES or arm not in ARMS or (data or "pi") not in DATA or not seed.isdigit():
+        raise ValueError(f"{name!r} is not a unit name <size>-<arm>[-<data>]-s<seed> (sizes {', '.join(SIZES)}; "
+                         f"arms {', '.join(ARMS)}; data {', '.join(d for d in DATA if d != 'pi')})")
+    return Unit(size, arm, int(seed), data or "pi")
 
 
 def stage_units(stage: int) -> List[Unit]:
     """Stage 1: the main size, scratch vs reward vs best, 3 seeds (seed-major: a first answer early).
     Stage 2: the other sizes and the 1.4M control (SIZE_ARMS, 2 seeds), the ablation at the main size
     (3 seeds).
-    Stage 3: `make distill`'s planner-objective recipe ("plan") at the main size, 3 seeds."""
+    Stage 3: `make distill`'s planner-objective recipe ("plan") at the main size, 3 seeds.
+    Stage 4: the main size on the teacher's MPPI data (DATA["mppi"]), MPPI_DATA_ARMS, 2 seeds."""
     if stage == 1:
         return [Unit(MAIN_SIZE, a, s) for s in (1, 2, 3) for a in MAIN_ARMS]
     if stage == 2:
@@ -105,7 +135,9 @@ def stage_units(stage: int) -> List[Unit]:
         return units
     if stage == 3:
         return [Unit(MAIN_SIZE, "plan", s) for s in (1, 2, 3)]
-    raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
+    if stage == 4:
+        return [Unit(MAIN_SIZE, a, s, "mppi") for s in (1, 2) for a in MPPI_DATA_ARMS]
+    raise ValueError(f"stage must be 1, 2, 3 or 4, got {stage}")
 
 
 def git_commit(repo: str) -> str:
@@ -127,18 +159,20 @@ def _done(path) -> Optional[dict]:
         return None
 
 
-def ensure_data(out: str, teacher, scfg: StudyConfig, seed: int = 1):
-    """The teacher's dataset: collect_episodes per MT30 task, stochastic policy prior (done marker)."""
+def ensure_data(out: str, teacher, scfg: StudyConfig, seed: int = 1, data: str = "pi"):
+    """A study dataset (DATA[data]): collect_episodes per task, acting with the teacher's sampled policy
+    prior ("pi") or its MPPI planner at the official settings ("mppi"), with a done marker."""
     from tdmpc_jax.data import Dataset
     from tdmpc_jax.data.collect import collect
     from tdmpc_jax.planner import PlannerConfig
-    path = os.path.join(out, "data")
+    spec = DATA[data]
+    path = os.path.join(out, spec["dir"])
     if _done(os.path.join(path, "DONE")) is None:
         t0 = time.perf_counter()
-        ds = collect(teacher, study_tasks(teacher, scfg), scfg.collect_episodes, path, PlannerConfig(mpc=False),
+        ds = collect(teacher, study_tasks(teacher, scfg), scfg.collect_episodes, path, PlannerConfig(mpc=spec["mpc"]),
                      seed, eval_mode=False, progress=True, overwrite=True)
         atomic.write_file(os.path.join(path, "DONE"), json.dumps(
-            {"episodes_per_task": scfg.collect_episodes, "acting": "teacher policy prior, sampled (eval_mode=False)",
+            {"episodes_per_task": scfg.collect_episodes, "acting": spec["acting"],
              "returns": ds.meta_returns, "wall_s": time.perf_counter() - t0}, indent=1))
     return Dataset(path)
 
@@ -305,7 +339,7 @@ def committed_units(dest: str, skip=frozenset()) -> List[Tuple[Unit, dict, dict,
             with open(path) as f:
                 rec = json.load(f)
             u = Unit(**rec["unit"])
-            if u.name != name or u.size not in SIZES or u.arm not in ARMS:
+            if u.name != name or u.size not in SIZES or u.arm not in ARMS or u.data not in DATA:
                 raise ValueError(f"its unit is {u.name!r}, not a study unit named as the file")
             res = [{"normalized_score": float(rec[k + "_normalized_score"]),
                     "tasks": {t: {"mean": float(v)} for t, v in rec[k + "_tasks"].items()}} for k in ("mppi", "pi")]
@@ -352,12 +386,12 @@ def report(out: str, dest: str, teacher_mppi: dict, teacher_pi: Optional[dict], 
     os.makedirs(os.path.join(dest, "runs"), exist_ok=True)
     groups: Dict[Tuple[str, str], list] = {}
     for u, rec, mppi, pi in units:
-        groups.setdefault((u.size, u.arm), []).append((u, rec, mppi, pi))
+        groups.setdefault((u.size, u.group), []).append((u, rec, mppi, pi))
         atomic.write_file(os.path.join(dest, "runs", u.name + ".json"), json.dumps(
             {**rec, "mppi_tasks": {t: mppi["tasks"][t]["mean"] for t in tasks},
              "pi_tasks": {t: pi["tasks"][t]["mean"] for t in tasks}}, indent=1))
     for u, _, _, _ in units:  # the students of the main comparison, as Orbax checkpoints
-        if u.size == MAIN_SIZE and u.arm in STUDENT_ARMS:
+        if u.size == MAIN_SIZE and (u.arm in STUDENT_ARMS or u.data != "pi"):
             target = os.path.join(dest, "students", u.name)
             trained = os.path.join(out, "runs", u.name, "train", "agent")
             if not os.path.exists(os.path.join(target, "DONE")) and os.path.isdir(trained):
@@ -376,18 +410,22 @@ def report(out: str, dest: str, teacher_mppi: dict, teacher_pi: Optional[dict], 
                                 "seeds": sorted(g[0].seed for g in v), "mppi": agg_mppi[k], "pi": agg_pi[k],
                                 "train_s_per_update": _per_device([r for r in recs]),
                                 "uses_teacher": recs[0]["uses_teacher"]}
-    for z in {z for z, _ in groups}:
-        base = f"{z}/scratch"
-        for a in {a for zz, a in groups if zz == z and a != "scratch"}:
-            if base in mppi_scores:
-                summary["improvement"][f"{z}/{a} > scratch"] = {
-                    "mppi": probability_of_improvement(mppi_scores[f"{z}/{a}"], mppi_scores[base]),
-                    "pi": probability_of_improvement(pi_scores[f"{z}/{a}"], pi_scores[base]),
-                    "runs": [int(mppi_scores[f"{z}/{a}"].shape[0]), int(mppi_scores[base].shape[0])]}
+    for z, a in groups:
+        arm, _, data = a.partition("@")
+        # against scratch on the same data; a group on other data also against its arm on the "pi" data
+        bases = ([f"scratch@{data}" if data else "scratch"] if arm != "scratch" else []) + ([arm] if data else [])
+        for b in bases:
+            if f"{z}/{b}" in mppi_scores:
+                x, y = f"{z}/{a}", f"{z}/{b}"
+                summary["improvement"][f"{x} > {b}"] = {
+                    "mppi": probability_of_improvement(mppi_scores[x], mppi_scores[y]),
+                    "pi": probability_of_improvement(pi_scores[x], pi_scores[y]),
+                    "runs": [int(mppi_scores[x].shape[0]), int(mppi_scores[y].shape[0])]}
     atomic.write_file(os.path.join(dest, "summary.json"), json.dumps(summary, indent=1))
     atomic.write_file(os.path.join(dest, "summary.md"), _markdown(summary))
     plots.study_scaling(summary, os.path.join(dest, "score_vs_params.png"))
-    main = {a: mppi_scores[f"{MAIN_SIZE}/{a}"] for a in ARMS if f"{MAIN_SIZE}/{a}" in mppi_scores}
+    labels = [a if d == "pi" else f"{a}@{d}" for d in DATA for a in ARMS]  # the pi data's arms, then the others'
+    main = {a: mppi_scores[f"{MAIN_SIZE}/{a}"] for a in labels if f"{MAIN_SIZE}/{a}" in mppi_scores}
     if main:
         plots.study_per_task(main, tasks, {t: teacher_mppi["tasks"][t]["mean"] / 10 for t in tasks},
                              os.path.join(dest, f"per_task_{MAIN_SIZE}.png"), f"MT30 per task, {MAIN_SIZE} students (MPPI)")
@@ -411,7 +449,8 @@ def diagnose(out: str, dest: str, teacher, teacher_mppi: dict, per_task: int = 5
     tasks = [t for t in teacher_mppi["tasks"] if t in data_done["returns"] and all(t in u[2]["tasks"] for u in units)]
     by_arm: Dict[str, list] = {}
     for u, _, mppi, _ in units:
-        by_arm.setdefault(u.arm, []).append(mppi)
+        if u.data == "pi":  # the units trained on this data
+            by_arm.setdefault(u.arm, []).append(mppi)
     cov = diagnosis.coverage(data_done["returns"], teacher_mppi, {a: score_matrix(v, tasks) for a, v in by_arm.items()},
                              tasks)
     sdir = os.path.join(dest, "students")
@@ -421,7 +460,7 @@ def diagnose(out: str, dest: str, teacher, teacher_mppi: dict, per_task: int = 5
     per_agent = diagnosis.summarize_fit(fits)
     per_arm: Dict[str, dict] = {"teacher": {**per_agent["teacher"], "runs": 1}}
     for n in students:
-        arm = n.split("-", 1)[1].rsplit("-s", 1)[0]
+        arm = parse_unit_name(n).group
         per_arm.setdefault(arm, {"runs": 0, **{k: [] for k in per_agent[n]}})
         per_arm[arm]["runs"] += 1
         for k, v in per_agent[n].items():

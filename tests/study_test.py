@@ -101,6 +101,27 @@ def test_units_resume_and_report(tiny, teacher, tmp_path):
             study.report(fresh, dest, teacher_mppi, None, teacher.num_params()["learnable"])
 
 
+def test_units_on_mppi_data_are_their_own_groups(tiny, teacher, tmp_path):
+    """Stage 4's data: the teacher's MPPI episodes in their own directory; its units are grouped apart and
+    compared with scratch on the same data and with their arm on the policy-prior data."""
+    out, dest = str(tmp_path / "study"), str(tmp_path / "results")
+    ds_pi = study.ensure_data(out, teacher, SCFG)
+    ds = study.ensure_data(out, teacher, SCFG, data="mppi")
+    done = json.load(open(os.path.join(out, "data-mppi", "DONE")))
+    assert ds.path != ds_pi.path and "MPPI" in done["acting"] and ds.num_episodes == len(TASKS)
+    assert not np.array_equal(np.asarray(ds.arrays["action"][1:50]), np.asarray(ds_pi.arrays["action"][1:50]))
+    units = [study.Unit("tiny", "scratch", 1, "mppi"), study.Unit("tiny", "reward", 1, "mppi"), study.Unit("tiny", "reward", 1)]
+    for u in units:
+        study.run_unit(out, u, teacher, ds if u.data == "mppi" else ds_pi, SCFG, REPO, log=lambda m: None)
+    assert json.load(open(os.path.join(out, "runs", "tiny-reward-mppi-s1", "unit.json")))["unit"]["data"] == "mppi"
+    teacher_mppi = json.load(open(os.path.join(REPO, "tests", "data", "reference", "released_1M_mppi_mt30_10ep.json")))
+    s = study.report(out, dest, teacher_mppi, None, teacher.num_params()["learnable"])
+    assert set(s["groups"]) == {"tiny/scratch@mppi", "tiny/reward@mppi", "tiny/reward"}
+    assert set(s["improvement"]) == {"tiny/reward@mppi > scratch@mppi", "tiny/reward@mppi > reward"}
+    assert os.path.isdir(os.path.join(dest, "students", "tiny-reward-mppi-s1"))
+    assert [u.name for u, *_ in study.committed_units(dest)] == sorted(u.name for u in units)
+
+
 def test_diagnosis_measures_on_aligned_transitions(teacher, tmp_path):
     """The fit is measured at (obs_t, action_t, reward_t) of one transition (an off-by-one would pair an
     observation with the next step's action and reward), equally many per task; the teacher agrees with
@@ -186,6 +207,14 @@ def test_stages_and_bad_flags():
     assert {u.arm for u in s2 if u.size == "1.4M"} == {"scratch", "reward", "plan"}
     assert {u.arm for u in s2 if u.size == study.MAIN_SIZE} == {"reward+policy", "reward+q", "reward+kl", "all"}
     assert [(u.arm, u.seed) for u in study.stage_units(3)] == [("plan", 1), ("plan", 2), ("plan", 3)]
+    s4 = study.stage_units(4)
+    assert len(s4) == 8 and {(u.size, u.data) for u in s4} == {(study.MAIN_SIZE, "mppi")}
+    assert {u.arm for u in s4} == {"scratch", "reward", "plan", "plan+action"} and s4[0].name == "0.23M-scratch-mppi-s1"
+    for u in s1 + s2 + s4:  # unit names parse back to their units
+        assert study.parse_unit_name(u.name) == u
+    for bad in ("0.23M-plan-s", "0.23M-plan-gpu-s1", "0.5M-plan-s1", "0.23M-nope-s1"):
+        with pytest.raises(ValueError, match="is not a unit name"):
+            study.parse_unit_name(bad)
     for arm in study.ARMS:  # every arm is a valid TrainConfig
         tc = study.train_config(arm, 32)
         assert tc.uses_teacher == (arm != "scratch")
