@@ -2,8 +2,9 @@
 
 Layout of a study directory (`experiments/study.py --output=DIR`):
   DIR/data/                 the teacher's dataset (collected once; DIR/data/DONE)
+  DIR/data-mppi/            stage 4's: the teacher's MPPI episodes (`DATA`)
   DIR/teacher/eval_pi/      the teacher's policy-prior evaluation (the MPPI line is the reference file)
-  DIR/runs/<size>-<arm>-s<seed>/
+  DIR/runs/<size>-<arm>[-<data>]-s<seed>/
       unit.json             size, dims, arm, coefficients, seed, steps, batch, git commit
       train/                `offline.train_offline` (train_state, metrics, curve.png, agent/)
       eval_pi/results.json  policy prior, PI_EPISODES per task, eval_mode=True
@@ -11,7 +12,9 @@ Layout of a study directory (`experiments/study.py --output=DIR`):
       DONE                  written last: {scores, wall times}
 A unit skips every part that already exists (training resumes from its last checkpoint), so a killed
 study restarts where it stopped and finished units are never redone. `report` rebuilds every table and
-figure from the finished units only.
+figure from the finished units only: those here and those known by the per-run JSON an earlier report
+committed (`committed_units`: a fresh clone continues the study without the earlier units' directories).
+`diagnose` measures what limits the students (`tdmpc_jax.diagnosis`).
 """
 from __future__ import annotations
 
