@@ -37,6 +37,8 @@ flags.DEFINE_bool("report", False, "rebuild the tables and figures from finished
 flags.DEFINE_bool("diagnose", False, "measure what limits the students (data coverage; reward and policy fit of "
                   "the teacher and of the main size's students on the study's dataset) into --results/diagnosis.*, "
                   "then exit")
+flags.DEFINE_bool("prepare", False, "only collect the datasets the units need and evaluate the teacher's policy "
+                  "prior, then exit (--jobs runs this first, in its own process)")
 flags.DEFINE_bool("redo_committed", False, "run units again whose results are committed under --results/runs "
                   "(default: they count as finished)")
 flags.DEFINE_integer("steps", 10_000, "updates per student")
@@ -97,6 +99,8 @@ def main(argv):
         if not units:
             print("every unit asked for is finished; --report rebuilds the tables and figures", flush=True)
             return
+    if FLAGS.jobs > 1 and len(units) > 1 and not FLAGS.report and not FLAGS.diagnose and not FLAGS.prepare:
+        return _run_jobs(study, units)
     teacher_mppi = _read_json(FLAGS.teacher_mppi)
     import tdmpc_jax
     from tdmpc_jax.planner import PlannerConfig
@@ -119,16 +123,7 @@ def main(argv):
     datasets = {d: study.ensure_data(out, teacher, scfg, data=d) for d in sorted({u.data for u in units})}
     study._evaluate_into(os.path.join(out, "teacher", "eval_pi"), teacher, study.study_tasks(teacher, scfg),
                          scfg.pi_episodes, PlannerConfig(mpc=False), True)
-    if FLAGS.jobs > 1 and len(units) > 1:
-        # one process per unit; every flag that shapes a unit travels with it
-        same = [FLAGS[n].serialize() for n in ("teacher", "teacher_mppi", "output", "stage", "block", "steps", "batch_size",
-                                               "collect_episodes", "mppi_episodes", "pi_episodes", "eval_workers", "results",
-                                               "redo_committed")]
-        codes = study.run_parallel([(u.name, [sys.executable, os.path.abspath(__file__), f"--only={u.name}", *same])
-                                    for u in units], FLAGS.jobs, os.path.join(out, "logs"), log=lambda m: print(m, flush=True))
-        failed = [n for n, c in codes.items() if c]
-        if failed:
-            raise RuntimeError(f"{len(failed)} unit(s) failed: {', '.join(failed)} (see {os.path.join(out, 'logs')})")
+    if FLAGS.prepare:
         return
     t0 = time.perf_counter()
     for i, u in enumerate(units):
@@ -137,6 +132,28 @@ def main(argv):
         el = time.perf_counter() - t0
         print(f"== unit {i + 1}/{len(units)} {u.name}: MPPI {rec['mppi_normalized_score']:.1f}, policy prior "
               f"{rec['pi_normalized_score']:.1f} (this sitting {el / 60:.0f} min)", flush=True)
+
+
+def _run_jobs(study, units):
+    """--jobs: this process only schedules. A first subprocess collects the datasets and evaluates the teacher
+    (--prepare), then one subprocess per unit; every flag that shapes a unit travels with it. This process
+    never loads the teacher or steps an environment: collecting 600 episodes leaves a process holding ~9 GB,
+    which it would keep while its units run (on 24 GB that drove the machine into swap)."""
+    from tdmpc_jax.results_io import claim_output
+    out = FLAGS.output
+    claim_output(out, "study", FLAGS.overwrite)
+    same = [FLAGS[n].serialize() for n in ("teacher", "teacher_mppi", "output", "stage", "block", "steps", "batch_size",
+                                           "collect_episodes", "mppi_episodes", "pi_episodes", "eval_workers", "results",
+                                           "redo_committed")]
+    me, logs, log = [sys.executable, os.path.abspath(__file__)], os.path.join(out, "logs"), lambda m: print(m, flush=True)
+    codes = study.run_parallel([("prepare", [*me, "--prepare", f"--only={','.join(u.name for u in units)}", *same])],
+                               1, logs, log=log)
+    if codes["prepare"]:
+        raise RuntimeError(f"collecting the data or evaluating the teacher failed (see {os.path.join(logs, 'prepare.log')})")
+    codes = study.run_parallel([(u.name, [*me, f"--only={u.name}", *same]) for u in units], FLAGS.jobs, logs, log=log)
+    failed = [n for n, c in codes.items() if c]
+    if failed:
+        raise RuntimeError(f"{len(failed)} unit(s) failed: {', '.join(failed)} (see {logs})")
 
 
 def _read_json(path):
