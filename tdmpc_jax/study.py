@@ -458,7 +458,7 @@ def diagnose(out: str, dest: str, teacher, teacher_mppi: dict, per_task: int = 5
                              tasks)
     sdir = os.path.join(dest, "students")
     students = {n: tdmpc_jax.load_checkpoint(os.path.join(sdir, n))
-                for n in sorted(os.listdir(sdir)) if os.path.isdir(sdir)} if os.path.isdir(sdir) else {}
+                for n in (sorted(os.listdir(sdir)) if os.path.isdir(sdir) else [])}
     fits = diagnosis.fit(students, teacher, Dataset(os.path.join(out, "data")), per_task)
     per_agent = diagnosis.summarize_fit(fits)
     per_arm: Dict[str, dict] = {"teacher": {**per_agent["teacher"], "runs": 1}}
