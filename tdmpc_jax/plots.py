@@ -23,6 +23,17 @@ def _colors(n: int):
     return [cmap(i if n <= 20 else i / (n - 1)) for i in range(n)]
 
 
+def arm_palette(arms: Sequence[str], variants: Sequence[str] = ()) -> Dict[str, tuple]:
+    """One color per arm, in the given order, for every figure of a study; `<arm>@<variant>` (the same arm
+    on other data) gets a darker shade of its arm's color."""
+    import matplotlib.colors as mcolors
+    base = dict(zip(arms, (mcolors.to_rgb(c) for c in _colors(len(arms)))))
+    out = dict(base)
+    for v in variants:
+        out.update({f"{a}@{v}": tuple(0.55 * x for x in c) for a, c in base.items()})
+    return out
+
+
 def compare_runs(runs: Dict[str, dict], out_png: str, title: str = "MT30 evaluation", colors=None):
     """runs: label -> results.json dict. Writes a per-task grouped bar chart and an aggregate panel.
     `colors`: label -> matplotlib color (e.g. one hue per arm over seeds); default: one distinct color each."""
@@ -78,12 +89,14 @@ def learning_curve(steps: Sequence[int], series: Dict[str, Sequence[float]], out
     return out_png
 
 
-def study_scaling(summary: dict, out_png: str):
+def study_scaling(summary: dict, out_png: str, colors: Dict[str, str] | None = None):
     """The distillation study: MT30 score (MPPI, mean with 95% CI) vs learnable params, one line per arm,
-    the teacher as a horizontal line; the policy prior in a second panel."""
+    the teacher as a horizontal line; the policy prior in a second panel. `colors`: arm -> color (the same
+    arm in the same color in every study figure)."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
     arms = sorted({g["arm"] for g in summary["groups"].values()}, key=lambda a: (a != "scratch", a))
+    colors = colors or dict(zip(arms, _colors(len(arms))))
     t = summary["teacher"]
     for ax, key, teacher_score, title in ((axes[0], "mppi", t["mppi_normalized_score"], "MPPI (official settings)"),
                                           (axes[1], "pi", t["pi_normalized_score"], "policy prior")):
@@ -93,7 +106,7 @@ def study_scaling(summary: dict, out_png: str):
             m = np.array([g[key]["mean"] for g in gs])
             lo = m - np.array([g[key]["mean_ci95"][0] for g in gs])
             hi = np.array([g[key]["mean_ci95"][1] for g in gs]) - m
-            ax.errorbar(x, m, yerr=[lo, hi], marker="o", capsize=4, label=f"{arm} (seeds per size: {', '.join(str(len(g['seeds'])) for g in gs)})")
+            ax.errorbar(x, m, yerr=[lo, hi], marker="o", capsize=4, color=colors[arm], label=f"{arm} (seeds per size: {', '.join(str(len(g['seeds'])) for g in gs)})")
         if teacher_score is not None:
             ax.axhline(teacher_score, color="k", ls="--", lw=1, label=f"teacher ({t['learnable_params'] / 1e6:.2f}M): {teacher_score:.1f}")
             ax.plot([t["learnable_params"]], [teacher_score], "k*", ms=12)
@@ -113,11 +126,12 @@ def study_scaling(summary: dict, out_png: str):
 
 
 def study_per_task(scores: Dict[str, np.ndarray], tasks: Sequence[str], teacher: Dict[str, float], out_png: str,
-                   title: str):
+                   title: str, colors: Dict[str, str] | None = None):
     """Per-task horizontal bars (mean over runs, min-max whiskers) for each arm, tasks top to bottom in the
-    given order, the teacher as a black tick: readable at 30 tasks x several arms."""
+    given order, the teacher as a black tick: readable at 30 tasks x several arms. `colors`: arm -> color."""
     plt = _plt()
     arms = list(scores)
+    colors = colors or dict(zip(arms, _colors(len(arms))))
     fig, ax = plt.subplots(figsize=(10, max(5.0, 0.12 * len(tasks) * (len(arms) + 1) + 1.2)))
     height = 0.8 / len(arms)
     y = np.arange(len(tasks))[::-1].astype(float)  # the first task on top
@@ -125,7 +139,7 @@ def study_per_task(scores: Dict[str, np.ndarray], tasks: Sequence[str], teacher:
         s = scores[arm]
         m = s.mean(0)
         ax.barh(y + ((len(arms) - 1) / 2 - i) * height, m, height, xerr=[m - s.min(0), s.max(0) - m], capsize=1.5,
-                label=f"{arm} ({s.shape[0]} seed{'s' if s.shape[0] > 1 else ''})", error_kw={"lw": 0.7})
+                color=colors[arm], label=f"{arm} ({s.shape[0]} seed{'s' if s.shape[0] > 1 else ''})", error_kw={"lw": 0.7})
     ax.scatter([teacher[t] for t in tasks], y, marker="|", s=160, color="k", zorder=3, label="teacher")
     ax.set_yticks(y)
     ax.set_yticklabels(tasks, fontsize=8)
@@ -140,7 +154,7 @@ def study_per_task(scores: Dict[str, np.ndarray], tasks: Sequence[str], teacher:
     plt.close(fig)
 
 
-def study_coverage(cov: dict, arms: Sequence[str], out_png: str, title: str):
+def study_coverage(cov: dict, arms: Sequence[str], out_png: str, title: str, colors: Dict[str, str] | None = None):
     """Per task: return of the policy that collected the data (x) against the teacher's MPPI and each arm's
     mean MPPI return (y), with the y = x line: what lies below it, the agent did worse than its data."""
     plt = _plt()
@@ -150,8 +164,9 @@ def study_coverage(cov: dict, arms: Sequence[str], out_png: str, title: str):
     ax.plot([0, 1000], [0, 1000], color="0.6", lw=1, ls="--", label="y = data policy")
     ax.scatter(x, [cov["tasks"][t]["teacher_mppi"] for t in tasks], s=46, facecolors="none", edgecolors="k",
                label="teacher MPPI")
-    for c, arm in zip(_colors(len(arms)), arms):
-        a = cov["arms"][arm]
+    colors = colors or dict(zip(arms, _colors(len(arms))))
+    for arm in arms:
+        c, a = colors[arm], cov["arms"][arm]
         ax.scatter(x, [cov["tasks"][t][arm] for t in tasks], s=18, color=c, alpha=0.85,
                    label=f"{arm} ({a['runs']} runs): {100 * a['of_data']:.0f}% of data, {100 * a['of_teacher']:.0f}% "
                          f"of teacher")
@@ -167,6 +182,46 @@ def study_coverage(cov: dict, arms: Sequence[str], out_png: str, title: str):
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7.5, loc="upper left")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def study_ablation(summary: dict, groups: Sequence[str], out_png: str, title: str, colors: Dict[str, str] | None = None):
+    """One size's arms side by side: MPPI and policy-prior normalized score (mean, 95% CI whiskers; a
+    single seed has none and says so), with scratch's mean and CI as a shaded band to read each term
+    against. `groups`: summary group keys (size/arm), top to bottom."""
+    plt = _plt()
+    gs = [summary["groups"][k] for k in groups]
+    colors = colors or dict(zip([g["arm"] for g in gs], _colors(len(gs))))
+    scratch = next((g for g in gs if g["arm"] == "scratch"), None)
+    t = summary["teacher"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(gs) + 1.8), sharey=True)
+    y = np.arange(len(gs))[::-1].astype(float)
+    for ax, key, name, teacher_score in ((axes[0], "mppi", "MPPI (official settings)", t["mppi_normalized_score"]),
+                                         (axes[1], "pi", "policy prior", t["pi_normalized_score"])):
+        if scratch is not None:
+            lo, hi = scratch[key]["mean_ci95"]
+            ax.axvspan(lo, hi, color="0.85", zorder=0, label="scratch 95% CI")
+            ax.axvline(scratch[key]["mean"], color="0.5", lw=1, zorder=1)
+        for yi, g in zip(y, gs):
+            m, (lo, hi) = g[key]["mean"], g[key]["mean_ci95"]
+            one = len(g["seeds"]) < 2
+            ax.barh(yi, m, 0.7, color=colors[g["arm"]], alpha=0.55 if one else 1.0,
+                    xerr=None if one else [[m - lo], [hi - m]], capsize=3, zorder=2)
+            ax.text(m if one else hi, yi, f"  {m:.1f}" + (" (1 seed)" if one else f" [{lo:.1f}, {hi:.1f}]"), va="center",
+                    fontsize=8, zorder=3)
+        ax.set_title(name + (f"; teacher {teacher_score:.1f}" if teacher_score is not None else ""), fontsize=10)
+        ax.set_xlabel("MT30 normalized score")
+        ax.set_xlim(0, 1.45 * max(g[key]["mean_ci95"][1] for g in gs))
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y)
+    axes[0].set_yticklabels([f"{g['arm']} ({len(g['seeds'])} seed{'s' if len(g['seeds']) > 1 else ''})" for g in gs],
+                            fontsize=9)
+    if scratch is not None:
+        axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     fig.savefig(out_png, dpi=110)

@@ -66,6 +66,8 @@ SIZE_ARMS = ("scratch", "reward", "plan")
 ABLATION_ARMS = ("reward", "reward+policy", "reward+q", "reward+kl", "best", "all")
 STUDENT_ARMS = MAIN_ARMS + ("plan",)  # the main size's students committed as checkpoints by the report
 MPPI_DATA_ARMS = ("scratch", "reward", "plan", "plan+action")
+# the figures' colors: the headline arms first (blue, orange, green), then the rest in ARMS order
+COLOR_ORDER = ("scratch", "reward", "plan")
 
 # The study's datasets, each collected once by the teacher, `collect_episodes` per task, seed 1. "pi" is
 # the data of stages 1-3; "mppi" (stage 4) holds the teacher's planning: README "Why not 60%".
@@ -73,6 +75,12 @@ DATA: Dict[str, dict] = {
     "pi": {"dir": "data", "mpc": False, "acting": "teacher policy prior, sampled (eval_mode=False)"},
     "mppi": {"dir": "data-mppi", "mpc": True, "acting": "teacher MPPI, official planner settings (eval_mode=False)"},
 }
+
+
+def _palette() -> dict:
+    """arm (and `<arm>@<data>`) -> color, the same in every figure of the study."""
+    from tdmpc_jax import plots
+    return plots.arm_palette(COLOR_ORDER + tuple(a for a in ARMS if a not in COLOR_ORDER), [d for d in DATA if d != "pi"])
 
 
 def train_config(arm: str, batch_size: int):
@@ -426,12 +434,17 @@ def report(out: str, dest: str, teacher_mppi: dict, teacher_pi: Optional[dict], 
                     "runs": [int(mppi_scores[x].shape[0]), int(mppi_scores[y].shape[0])]}
     atomic.write_file(os.path.join(dest, "summary.json"), json.dumps(summary, indent=1))
     atomic.write_file(os.path.join(dest, "summary.md"), _markdown(summary))
-    plots.study_scaling(summary, os.path.join(dest, "score_vs_params.png"))
+    palette = _palette()
+    plots.study_scaling(summary, os.path.join(dest, "score_vs_params.png"), palette)
     labels = [a if d == "pi" else f"{a}@{d}" for d in DATA for a in ARMS]  # the pi data's arms, then the others'
     main = {a: mppi_scores[f"{MAIN_SIZE}/{a}"] for a in labels if f"{MAIN_SIZE}/{a}" in mppi_scores}
     if main:
         plots.study_per_task(main, tasks, {t: teacher_mppi["tasks"][t]["mean"] / 10 for t in tasks},
-                             os.path.join(dest, f"per_task_{MAIN_SIZE}.png"), f"MT30 per task, {MAIN_SIZE} students (MPPI)")
+                             os.path.join(dest, f"per_task_{MAIN_SIZE}.png"), f"MT30 per task, {MAIN_SIZE} students (MPPI)",
+                             palette)
+        plots.study_ablation(summary, [f"{MAIN_SIZE}/{a}" for a in main], os.path.join(dest, f"arms_{MAIN_SIZE}.png"),
+                             f"MT30, every arm at {MAIN_SIZE} ({SIZES[MAIN_SIZE]}): mean normalized score, 95% "
+                             "stratified-bootstrap CIs", palette)
     return summary
 
 
@@ -477,7 +490,7 @@ def diagnose(out: str, dest: str, teacher, teacher_mppi: dict, per_task: int = 5
     atomic.write_file(os.path.join(dest, "diagnosis.md"), _diagnosis_markdown(res))
     arms = [a for a in ("scratch", "reward", "plan") if a in cov["arms"]]
     plots.study_coverage(cov, arms, os.path.join(dest, "coverage.png"),
-                         "MT30 per task: the students against the data that trained them (every size)")
+                         "MT30 per task: the students against the data that trained them (every size)", _palette())
     return res
 
 

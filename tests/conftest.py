@@ -23,3 +23,26 @@ ENV_REPLAY = os.path.join(REFERENCE, "env_replay_mt30.json")
 def released_agent():
     import tdmpc_jax
     return tdmpc_jax.load_checkpoint(FP16_CKPT)
+
+
+# Seconds per test file, measured on the 2-core machine (two xdist workers, two study units beside them:
+# ~2x CI's times; only the order matters). `make test` schedules whole files (--dist loadfile) in
+# collection order (--no-loadscope-reorder), and this hook collects the longest first, so that no long
+# file starts when the other worker is nearly done (longest-processing-time-first). A file missing here
+# counts as long: a new file is never the one left running alone at the end.
+FILE_SECONDS = {
+    "study_test.py": 625, "fused_update_test.py": 615, "cli_validation_test.py": 604, "train_test.py": 553,
+    "overlap_test.py": 466, "planner_test.py": 355, "export_test.py": 315, "update_fidelity_test.py": 229,
+    "pipeline_test.py": 221, "extend_distill_test.py": 210, "crash_safety_test.py": 201, "evaluation_test.py": 144,
+    "quantize_test.py": 101, "losses_test.py": 89, "plan_fidelity_test.py": 82, "extend_format_test.py": 80,
+    "plan_terms_test.py": 74, "networks_test.py": 40, "rollout_test.py": 27, "envs_test.py": 27,
+    "convert_cli_test.py": 23, "envs_replay_test.py": 20, "extend_task_test.py": 20, "scalar_math_test.py": 16,
+    "online_test.py": 15, "render_test.py": 12, "repo_test.py": 11, "envs_custom_rewards_test.py": 10,
+    "orbax_io_test.py": 9, "official_format_test.py": 7, "checkpoint_reader_test.py": 7, "orbax_integrity_test.py": 5,
+    "entry_points_test.py": 4, "plots_test.py": 3, "reader_safety_test.py": 3, "runs_test.py": 1, "config_test.py": 0,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    longest = max(FILE_SECONDS.values()) + 1
+    items.sort(key=lambda it: -FILE_SECONDS.get(os.path.basename(str(it.path)), longest))  # stable: in-file order kept

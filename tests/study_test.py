@@ -62,7 +62,8 @@ def test_units_resume_and_report(tiny, teacher, tmp_path):
     assert lo <= g["mppi"]["mean"] <= hi and g["mppi"]["runs"] == 1
     p = s["improvement"]["tiny/reward > scratch"]["mppi"]["p"]
     assert 0.0 <= p <= 1.0
-    for f in ("summary.json", "summary.md", "score_vs_params.png", "per_task_tiny.png", "runs/tiny-reward-s1.json"):
+    for f in ("summary.json", "summary.md", "score_vs_params.png", "per_task_tiny.png", "arms_tiny.png",
+              "runs/tiny-reward-s1.json"):
         assert os.path.getsize(os.path.join(dest, f)) > 0, f
     md = open(os.path.join(dest, "summary.md")).read()  # one seed per arm: no point interval passed off as a CI
     assert md.count("(one seed: no CI)") == 2 * 3 + 2 and f"{g['mppi']['mean']:.1f} [" not in md
@@ -100,26 +101,25 @@ def test_units_resume_and_report(tiny, teacher, tmp_path):
         with pytest.raises(ValueError, match="tiny-reward-s1.json: not a per-run record"):
             study.report(fresh, dest, teacher_mppi, None, teacher.num_params()["learnable"])
 
-
-def test_units_on_mppi_data_are_their_own_groups(tiny, teacher, tmp_path):
-    """Stage 4's data: the teacher's MPPI episodes in their own directory; its units are grouped apart and
-    compared with scratch on the same data and with their arm on the policy-prior data."""
-    out, dest = str(tmp_path / "study"), str(tmp_path / "results")
-    ds_pi = study.ensure_data(out, teacher, SCFG)
-    ds = study.ensure_data(out, teacher, SCFG, data="mppi")
+    # stage 4's data: the teacher's MPPI episodes in their own directory; its units are grouped apart and
+    # compared with scratch on the same data and with their arm on the policy-prior data (the units above)
+    mds = study.ensure_data(out, teacher, SCFG, data="mppi")
     done = json.load(open(os.path.join(out, "data-mppi", "DONE")))
-    assert ds.path != ds_pi.path and "MPPI" in done["acting"] and ds.num_episodes == len(TASKS)
-    assert not np.array_equal(np.asarray(ds.arrays["action"][1:50]), np.asarray(ds_pi.arrays["action"][1:50]))
-    units = [study.Unit("tiny", "scratch", 1, "mppi"), study.Unit("tiny", "reward", 1, "mppi"), study.Unit("tiny", "reward", 1)]
-    for u in units:
-        study.run_unit(out, u, teacher, ds if u.data == "mppi" else ds_pi, SCFG, REPO, log=lambda m: None)
+    assert mds.path != ds.path and "MPPI" in done["acting"] and mds.num_episodes == len(TASKS)
+    assert not np.array_equal(np.asarray(mds.arrays["action"][1:50]), np.asarray(ds.arrays["action"][1:50]))
+    mppi_units = [study.Unit("tiny", "scratch", 1, "mppi"), study.Unit("tiny", "reward", 1, "mppi")]
+    for u in mppi_units:
+        study.run_unit(out, u, teacher, mds, SCFG, REPO, log=lambda m: None)
     assert json.load(open(os.path.join(out, "runs", "tiny-reward-mppi-s1", "unit.json")))["unit"]["data"] == "mppi"
-    teacher_mppi = json.load(open(os.path.join(REPO, "tests", "data", "reference", "released_1M_mppi_mt30_10ep.json")))
-    s = study.report(out, dest, teacher_mppi, None, teacher.num_params()["learnable"])
-    assert set(s["groups"]) == {"tiny/scratch@mppi", "tiny/reward@mppi", "tiny/reward"}
-    assert set(s["improvement"]) == {"tiny/reward@mppi > scratch@mppi", "tiny/reward@mppi > reward"}
-    assert os.path.isdir(os.path.join(dest, "students", "tiny-reward-mppi-s1"))
-    assert [u.name for u, *_ in study.committed_units(dest)] == sorted(u.name for u in units)
+    dest4 = str(tmp_path / "results4")
+    s4 = study.report(out, dest4, teacher_mppi, None, teacher.num_params()["learnable"])
+    assert set(s4["groups"]) == {"tiny/scratch", "tiny/reward", "tiny/scratch@mppi", "tiny/reward@mppi"}
+    assert set(s4["improvement"]) == {"tiny/reward > scratch", "tiny/reward@mppi > scratch@mppi",
+                                      "tiny/reward@mppi > reward", "tiny/scratch@mppi > scratch"}
+    assert s4["groups"]["tiny/reward"] == s["groups"]["tiny/reward"]
+    assert os.path.isdir(os.path.join(dest4, "students", "tiny-reward-mppi-s1"))
+    assert [u.name for u, *_ in study.committed_units(dest4)] == sorted(
+        ["tiny-scratch-s1", "tiny-reward-s1"] + [u.name for u in mppi_units])
 
 
 def test_diagnosis_measures_on_aligned_transitions(teacher, tmp_path):
