@@ -96,7 +96,7 @@ def study_scaling(summary: dict, out_png: str, colors: Dict[str, str] | None = N
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
     arms = sorted({g["arm"] for g in summary["groups"].values()}, key=lambda a: (a != "scratch", a))
-    colors = colors or dict(zip(arms, _colors(len(arms))))
+    colors = colors or arm_palette(arms)
     t = summary["teacher"]
     for ax, key, teacher_score, title in ((axes[0], "mppi", t["mppi_normalized_score"], "MPPI (official settings)"),
                                           (axes[1], "pi", t["pi_normalized_score"], "policy prior")):
@@ -131,7 +131,7 @@ def study_per_task(scores: Dict[str, np.ndarray], tasks: Sequence[str], teacher:
     given order, the teacher as a black tick: readable at 30 tasks x several arms. `colors`: arm -> color."""
     plt = _plt()
     arms = list(scores)
-    colors = colors or dict(zip(arms, _colors(len(arms))))
+    colors = colors or arm_palette(arms)
     fig, ax = plt.subplots(figsize=(10, max(5.0, 0.12 * len(tasks) * (len(arms) + 1) + 1.2)))
     height = 0.8 / len(arms)
     y = np.arange(len(tasks))[::-1].astype(float)  # the first task on top
@@ -164,7 +164,7 @@ def study_coverage(cov: dict, arms: Sequence[str], out_png: str, title: str, col
     ax.plot([0, 1000], [0, 1000], color="0.6", lw=1, ls="--", label="y = data policy")
     ax.scatter(x, [cov["tasks"][t]["teacher_mppi"] for t in tasks], s=46, facecolors="none", edgecolors="k",
                label="teacher MPPI")
-    colors = colors or dict(zip(arms, _colors(len(arms))))
+    colors = colors or arm_palette(arms)
     for arm in arms:
         c, a = colors[arm], cov["arms"][arm]
         ax.scatter(x, [cov["tasks"][t][arm] for t in tasks], s=18, color=c, alpha=0.85,
@@ -194,7 +194,7 @@ def study_ablation(summary: dict, groups: Sequence[str], out_png: str, title: st
     against. `groups`: summary group keys (size/arm), top to bottom."""
     plt = _plt()
     gs = [summary["groups"][k] for k in groups]
-    colors = colors or dict(zip([g["arm"] for g in gs], _colors(len(gs))))
+    colors = colors or arm_palette([g["arm"] for g in gs])
     scratch = next((g for g in gs if g["arm"] == "scratch"), None)
     t = summary["teacher"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(gs) + 1.8), sharey=True)

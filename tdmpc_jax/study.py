@@ -66,8 +66,6 @@ SIZE_ARMS = ("scratch", "reward", "plan")
 ABLATION_ARMS = ("reward", "reward+policy", "reward+q", "reward+kl", "best", "all")
 STUDENT_ARMS = MAIN_ARMS + ("plan",)  # the main size's students committed as checkpoints by the report
 MPPI_DATA_ARMS = ("scratch", "reward", "plan", "plan+action")
-# the figures' colors: the headline arms first (blue, orange, green), then the rest in ARMS order
-COLOR_ORDER = ("scratch", "reward", "plan")
 
 # The study's datasets, each collected once by the teacher, `collect_episodes` per task, seed 1. "pi" is
 # the data of stages 1-3; "mppi" (stage 4) holds the teacher's planning: README "Why not 60%".
@@ -78,9 +76,10 @@ DATA: Dict[str, dict] = {
 
 
 def _palette() -> dict:
-    """arm (and `<arm>@<data>`) -> color, the same in every figure of the study."""
+    """arm (and `<arm>@<data>`) -> color, the same in every figure of the study: the arms run at every size
+    first (blue, orange, green), then the rest in ARMS order."""
     from tdmpc_jax import plots
-    return plots.arm_palette(COLOR_ORDER + tuple(a for a in ARMS if a not in COLOR_ORDER), [d for d in DATA if d != "pi"])
+    return plots.arm_palette(SIZE_ARMS + tuple(a for a in ARMS if a not in SIZE_ARMS), [d for d in DATA if d != "pi"])
 
 
 def train_config(arm: str, batch_size: int):
@@ -488,7 +487,7 @@ def diagnose(out: str, dest: str, teacher, teacher_mppi: dict, per_task: int = 5
                                     "transitions_per_task": per_task, "students": list(students)}}
     atomic.write_file(os.path.join(dest, "diagnosis.json"), json.dumps(res, indent=1))
     atomic.write_file(os.path.join(dest, "diagnosis.md"), _diagnosis_markdown(res))
-    arms = [a for a in ("scratch", "reward", "plan") if a in cov["arms"]]
+    arms = [a for a in SIZE_ARMS if a in cov["arms"]]
     plots.study_coverage(cov, arms, os.path.join(dest, "coverage.png"),
                          "MT30 per task: the students against the data that trained them (every size)", _palette())
     return res
