@@ -376,12 +376,21 @@ def aggregate(scores: Dict[str, np.ndarray], reps: int = 2000, seed: int = 0) ->
                 "runs": int(scores[k].shape[0])} for k in scores}
 
 
+def improvement_probability(x: np.ndarray, y: np.ndarray) -> float:
+    """rliable's `metrics.probability_of_improvement` without its loop of scipy calls: per task the
+    Mann-Whitney U of X over Y (pairs with x > y, ties counting one half) over n_x * n_y, averaged over
+    tasks. Same value (tested against rliable); ~1000x faster, which is what the report's 2000 bootstrap
+    replicates per comparison spend their time on."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    d = x[:, None, :] - y[None, :, :]
+    return float(np.mean((d > 0).mean(axis=(0, 1)) + 0.5 * (d == 0).mean(axis=(0, 1))))
+
+
 def probability_of_improvement(x: np.ndarray, y: np.ndarray, reps: int = 2000, seed: int = 0) -> dict:
     """P(X > Y) over tasks (rliable), with a stratified-bootstrap 95% CI."""
     from rliable import library as rly
-    from rliable import metrics
     np.random.seed(seed)
-    point, ci = rly.get_interval_estimates({"p": (x, y)}, metrics.probability_of_improvement, reps=reps)
+    point, ci = rly.get_interval_estimates({"p": (x, y)}, improvement_probability, reps=reps)
     lo, hi = np.ravel(ci["p"])
     return {"p": float(np.ravel(point["p"])[0]), "ci95": [float(lo), float(hi)]}
 

@@ -198,6 +198,19 @@ def test_aggregates_follow_rliable_definitions():
     assert better["p"] > 0.8 and better["ci95"][0] <= better["p"] <= better["ci95"][1]
 
 
+def test_improvement_probability_is_rliables():
+    """The vectorized P(X > Y) of the report equals rliable's (scipy's Mann-Whitney per task), ties,
+    identical columns and unequal run counts included."""
+    from rliable import metrics
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 4, (3, 12)).astype(float)            # small integers: many ties
+    y = rng.integers(0, 4, (2, 12)).astype(float)
+    x2 = x[:2].copy()
+    x2[:, :3] = y[:, :3]                                    # identical columns: rliable's 0.5 branch
+    for a, b in ((x, y), (y, x), (x2, y), (rng.uniform(0, 100, (3, 30)), rng.uniform(0, 100, (2, 30)))):
+        assert study.improvement_probability(a, b) == pytest.approx(metrics.probability_of_improvement(a, b), abs=1e-12)
+
+
 def test_stages_and_bad_flags():
     s1 = study.stage_units(1)
     assert len(s1) == 9 and {u.size for u in s1} == {study.MAIN_SIZE}
