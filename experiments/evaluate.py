@@ -6,7 +6,8 @@
   python experiments/evaluate.py --runtime=onnx --onnx_dir=EXPORT --precision=int8 --mpc=false --output=DIR
 (--runtime=onnx scores an experiments/export.py directory with onnxruntime, no JAX in the acting path;
 its planner settings are the export's.)
-Writes DIR/results.json, DIR/results.csv (and DIR/compare.png with --compare).
+Writes DIR/results.json, DIR/results.csv (and DIR/compare.png with --compare). --resume keeps finished
+groups of episodes in DIR/partial/: a killed evaluation run again plays only what is missing.
 """
 import json
 import os
@@ -38,6 +39,11 @@ flags.DEFINE_integer("devices", 1, "split the problems over this many local devi
 flags.DEFINE_enum("compute", "fp32", ["fp32", "bf16"], "compute mode: fp32, or bf16 kernels and matmuls with fp32 "
                   "accumulation (faster on CPUs with AVX512-BF16 and on accelerators; scores within a measured "
                   "tolerance, README)")
+flags.DEFINE_bool("resume", False, "play the episodes in groups of --group and keep each finished group in "
+                  "OUTPUT/partial/; run the same command again after a kill and only the missing groups are "
+                  "played (the same returns as one batch; partial results of another checkpoint or other "
+                  "settings are refused)")
+flags.DEFINE_integer("group", 16, "with --resume: episodes per group (rounded up to the planner's chunk)")
 flags.DEFINE_list("compare", None, "result directories to plot side by side instead of evaluating")
 flags.DEFINE_enum("runtime", "jax", ["jax", "onnx"], "act with the JAX planner or an exported ONNX agent")
 flags.DEFINE_string("onnx_dir", None, "with --runtime=onnx: a directory written by experiments/export.py")
@@ -46,7 +52,7 @@ flags.DEFINE_string("output", None, "output directory", required=True)
 cli.existing_path("checkpoint")
 cli.existing_path("onnx_dir", kind="dir")
 cli.task_list("tasks")
-cli.positive_int("episodes", "iterations", "num_samples", "num_elites", "horizon")
+cli.positive_int("episodes", "iterations", "num_samples", "num_elites", "horizon", "group")
 cli.non_negative_int("num_pi_trajs", "chunk", "devices")
 cli.int_range("workers", lo=-1, hi=1024)
 cli.int_range("parts", lo=0, hi=64)
@@ -87,6 +93,8 @@ def _check_request(v):
             raise ValueError(f"--onnx_dir={v['onnx_dir']}: not an ONNX export (no manifest.json)")
         if not v["eval_mode"]:
             raise ValueError("--eval_mode=false: exported agents act in eval mode only")
+        if v["resume"]:
+            raise ValueError("--resume: resumes the JAX planner's evaluation, not --runtime=onnx")
         return
     if v["onnx_dir"]:
         raise ValueError(f"--onnx_dir={v['onnx_dir']}: needs --runtime=onnx")
@@ -99,8 +107,8 @@ def _check_request(v):
 
 
 cli.rule("compare", _check_compare)
-cli.check(("compare", "checkpoint", "num_elites", "num_samples", "num_pi_trajs", "runtime", "onnx_dir", "eval_mode"),
-          _check_request)
+cli.check(("compare", "checkpoint", "num_elites", "num_samples", "num_pi_trajs", "runtime", "onnx_dir", "eval_mode",
+           "resume"), _check_request)
 
 
 def main(argv):
@@ -131,7 +139,8 @@ def main(argv):
     devices = jax.local_devices()[:FLAGS.devices or None] if actor is None else None
     workers = env_workers(FLAGS.workers)
     res = evaluate(agent, FLAGS.tasks, FLAGS.episodes, FLAGS.seed, pcfg, FLAGS.eval_mode, workers, actor=actor,
-                   parts=FLAGS.parts or default_parts(workers), devices=devices)
+                   parts=FLAGS.parts or default_parts(workers), devices=devices,
+                   resume_dir=FLAGS.output if FLAGS.resume else None, group=FLAGS.group)
     if actor is not None:
         res.update(runtime=f"onnx-{FLAGS.precision}", onnx_dir=FLAGS.onnx_dir)
     else:

@@ -2,10 +2,13 @@
 
 Episode i of task T with seed S is the official protocol's episode (env built with `random=S`,
 episodes in sequence; see `BatchedEnv.for_episodes`). A DMC task's score is its mean return / 10;
-the normalized score is the unweighted mean over tasks.
+the normalized score is the unweighted mean over tasks. `evaluate(resume_dir=...)` plays the batch in
+groups and keeps each finished group, so that an evaluation longer than a sitting (hours of MPPI on a
+CPU) resumes; every episode keeps its whole-batch key, so the returns are those of one batch.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -18,6 +21,7 @@ import numpy as np
 from tdmpc_jax import planner, rollout
 from tdmpc_jax.agent import Agent
 from tdmpc_jax.envs import BatchedEnv, make
+from tdmpc_jax.envs.batched import task_dims
 from tdmpc_jax.planner import PlannerConfig
 from tdmpc_jax.progress import Progress
 
@@ -57,8 +61,12 @@ def check_dims(agent: Agent, tasks: Sequence[str]):
 def run_episodes(agent: Agent, slots: Sequence[tuple], pcfg: PlannerConfig, seed: int = 1,
                  eval_mode: bool = True, num_workers: int = 0, progress: bool = True,
                  record_actions: bool = False, on_step=None, actor=None, timing=None, parts: int = 1,
-                 devices=None):
+                 devices=None, rows=None):
     """Play every slot (task, env_seed, episode_index) to the end in lock-step. -> (returns, actions).
+
+    rows: play only these slots (contiguous, aligned to the planner's chunk: `rollout.rows_actor`), each with
+    the key it has in the whole batch: the returns the whole batch gives those slots. progress: a bool, or a
+    `Progress` bar to advance (one bar over several calls).
 
     parts > 1: overlap planning with environment stepping (`rollout.rollout(parts=...)`: the same
     returns; it pays with env workers or an accelerator). devices: split the problems over these devices
@@ -72,6 +80,9 @@ def run_episodes(agent: Agent, slots: Sequence[tuple], pcfg: PlannerConfig, seed
     cfg = agent.config
     if actor is None:
         actor = rollout.make_actor(cfg, pcfg, eval_mode, devices=devices)
+    if rows is not None:
+        actor = rollout.rows_actor(actor, rows, len(slots))
+        slots = [slots[i] for i in rows]
     params = jax.tree_util.tree_map(jnp.asarray, agent.params)
     task_ids = jnp.asarray([cfg.task_index(t) if cfg.multitask else 0 for t, _, _ in slots], jnp.int32)
     n = len(slots)
@@ -80,7 +91,10 @@ def run_episodes(agent: Agent, slots: Sequence[tuple], pcfg: PlannerConfig, seed
     with BatchedEnv.for_episodes(slots, num_workers=num_workers, obs_dim=cfg.obs_dim,
                                  action_dim=cfg.action_dim) as env:
         length = int(env.episode_lengths.max())
-        bar = Progress(length, "steps", desc=f"{n} envs  ", enabled=progress)  # lock-step steps of all n envs
+        # lock-step steps of all n envs
+        bar = progress if isinstance(progress, Progress) else Progress(length, "steps", desc=f"{n} envs  ",
+                                                                       enabled=progress)
+        steps0 = bar.n
 
         def hook(t, obs, act, rew, next_obs, done):
             if record_actions:
@@ -89,11 +103,93 @@ def run_episodes(agent: Agent, slots: Sequence[tuple], pcfg: PlannerConfig, seed
                 on_step(t, obs, act, rew, next_obs, done)
             bar.update()
 
-        with bar:
+        with contextlib.nullcontext() if bar is progress else bar:  # a caller's bar stays open
             returns = rollout.rollout(env, actor, params, task_ids, length, rollout.fold_in_keys(seed),
                                       state=planner.init_state(cfg, pcfg, n), on_step=hook, timing=timing,
                                       parts=parts)
+        if bar is progress:
+            bar.update(length - (bar.n - steps0))  # episodes that ended early: the caller's bar counts `length`
     return returns, (np.stack(actions_log, 1) if record_actions else None)
+
+
+def params_digest(params) -> str:
+    """SHA-256 over a params pytree's leaves (paths, dtypes, shapes, bytes): which agent a partial
+    evaluation belongs to."""
+    import hashlib
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}:{a.dtype}:{a.shape};".encode())
+        h.update(memoryview(a.reshape(-1).view(np.uint8)))
+    return h.hexdigest()
+
+
+def _evaluate_groups(agent, slots, pcfg, seed, eval_mode, num_workers, progress, parts, devices, directory, spec,
+                     group, timing):
+    """The resumable evaluation (`evaluate(resume_dir=...)`) -> (returns, wall seconds over every sitting)."""
+    import json
+    from tdmpc_jax import atomic
+    align = planner.group_align(pcfg)
+    size = -(-group // align) * align
+    n = len(slots)
+    groups = [np.arange(a, min(a + size, n)) for a in range(0, n, size)]
+    spec_path = os.path.join(directory, "spec.json")
+    if os.path.exists(spec_path):
+        try:
+            with open(spec_path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{spec_path}: unreadable ({e}); move it away to start the evaluation afresh") from None
+        if old != spec:
+            diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+            raise ValueError(f"{directory}: holds a partial evaluation with other {', '.join(diff)}; move it away "
+                             "or evaluate into another directory")
+    else:
+        os.makedirs(directory, exist_ok=True)
+        atomic.write_file(spec_path, json.dumps(spec, indent=1))
+    paths = [os.path.join(directory, f"episodes-{g[0]}-{g[-1]}.json") for g in groups]
+    returns = np.zeros(n, np.float64)
+    wall, tm = 0.0, {}
+    todo = []
+    for g, path in zip(groups, paths):
+        if not os.path.exists(path):
+            todo.append((g, path))
+            continue
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+            if rec["episodes"] != [list(slots[i]) for i in g]:
+                raise ValueError("other episodes")
+            r = np.asarray(rec["returns"], np.float64).reshape(len(g))
+            if not np.all(np.isfinite(r)):
+                raise ValueError("non-finite returns")
+            returns[g] = r
+            wall += float(rec["wall_s"])
+            for k, v in rec["timing"].items():
+                tm[k] = tm.get(k, 0) + v
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a finished group of this evaluation ({type(e).__name__}: {e})") from None
+    length = max(task_dims(t)[2] for t in {s[0] for s in slots})  # the lock-step loop's length
+    bar = Progress(len(groups) * length, "steps", desc=f"{n} envs in {len(groups)} groups  ",
+                   initial=(len(groups) - len(todo)) * length, enabled=progress)
+    with bar:
+        if todo and len(todo) < len(groups):
+            bar.write(f"resuming: {len(groups) - len(todo)} of {len(groups)} groups already played")
+        for g, path in todo:
+            t0 = time.perf_counter()
+            part = {}
+            r, _ = run_episodes(agent, slots, pcfg, seed, eval_mode, num_workers, bar, timing=part, parts=parts,
+                                devices=devices, rows=g)
+            returns[g] = r
+            part["agent_steps"] = len(g) * part["steps"]
+            w = time.perf_counter() - t0
+            atomic.write_file(path, json.dumps({"episodes": [list(slots[i]) for i in g], "returns": r.tolist(),
+                                                "wall_s": w, "timing": part}))
+            wall += w
+            for k, v in part.items():
+                tm[k] = tm.get(k, 0) + v
+    timing.update(tm)
+    return returns, wall
 
 
 def env_workers(requested: int = -1, backend: Optional[str] = None, cores: Optional[int] = None) -> int:
@@ -139,31 +235,54 @@ def summarize(per_task_returns: Dict[str, np.ndarray]) -> dict:
     return {"tasks": tasks, "normalized_score": norm, "normalized_score_ci95": list(bootstrap_ci(per_task_returns))}
 
 
+RESUME_DIR = "partial"  # under an evaluation's resume_dir: spec.json + one JSON per finished group
+
+
 def evaluate(agent: Agent, tasks, episodes: int = 10, seed: int = 1, pcfg: Optional[PlannerConfig] = None,
              eval_mode: bool = True, num_workers: int = 0, progress: bool = True, actor=None, parts: int = 1,
-             devices=None) -> dict:
+             devices=None, resume_dir: Optional[str] = None, group: int = 16) -> dict:
     """Evaluate `episodes` episodes of each task, all batched; returns the results dict (`actor`: a
-    `tdmpc_jax.rollout` actor instead of the JAX planner; `parts`, `devices`: see `run_episodes`)."""
+    `tdmpc_jax.rollout` actor instead of the JAX planner; `parts`, `devices`: see `run_episodes`).
+
+    resume_dir: play the batch in groups of about `group` episodes (rounded up to the planner's chunk) and
+    keep each finished group's returns in `resume_dir/partial/`; a killed evaluation called again with the
+    same agent and settings plays only the groups that are missing. Every episode acts with the key it has
+    in the whole batch: the same returns as one batch (tested; MPPI on a CPU bit for bit, the groups align to
+    its planner chunks; the policy prior, which vmaps all problems at once, and accelerators up to float32
+    rounding, as `rollout(parts=...)`). Partial results of another agent or other
+    settings there are an error, never reused or removed.
+    """
     pcfg = pcfg or PlannerConfig()
     if episodes < 1:
         raise ValueError("episodes must be >= 1")
+    if group < 1:
+        raise ValueError("group must be >= 1")
     tasks = resolve_tasks(agent, tasks)
     check_dims(agent, tasks)
     slots = [(t, seed, e) for t in tasks for e in range(episodes)]
     t0 = time.perf_counter()
     timing = {}
-    returns, _ = run_episodes(agent, slots, pcfg, seed, eval_mode, num_workers, progress, actor=actor,
-                              timing=timing, parts=parts, devices=devices)
-    wall = time.perf_counter() - t0
+    if resume_dir is None:
+        returns, _ = run_episodes(agent, slots, pcfg, seed, eval_mode, num_workers, progress, actor=actor,
+                                  timing=timing, parts=parts, devices=devices)
+        wall = time.perf_counter() - t0
+    else:
+        if actor is not None:
+            raise ValueError("a resumable evaluation plays the JAX planner (actor must be None)")
+        spec = {"params_sha256": params_digest(agent.params), "tasks": tasks, "episodes": episodes, "seed": seed,
+                "eval_mode": eval_mode, "planner": dataclasses.asdict(pcfg), "group": group,
+                "backend": jax.default_backend()}
+        returns, wall = _evaluate_groups(agent, slots, pcfg, seed, eval_mode, num_workers, progress, parts,
+                                         devices, os.path.join(resume_dir, RESUME_DIR), spec, group, timing)
     per_task = {t: returns[i * episodes:(i + 1) * episodes] for i, t in enumerate(tasks)}
     out = summarize(per_task)
     out.update(checkpoint=str(agent.metadata.get("source", "")), seed=seed, episodes=episodes,
                eval_mode=eval_mode, planner=dataclasses.asdict(pcfg), wall_time_s=wall,
-               agent_steps_per_s=len(slots) * timing["steps"] / wall, jax_backend=jax.default_backend(),
+               agent_steps_per_s=timing.get("agent_steps", len(slots) * timing["steps"]) / wall, jax_backend=jax.default_backend(),
                timing={"first_step_s (compile included)": timing["act_first_s"], "act_s (plan + transfer)":
                        timing["act_s"], "env_s": timing["env_s"], "hooks_s": timing["hook_s"],
                        "setup_s (envs, params)": wall - timing["act_first_s"] - timing["act_s"]
                        - timing["env_s"] - timing["hook_s"], "lockstep_steps": timing["steps"],
-                       "workers": num_workers, "parts": parts,
+                       "workers": num_workers, "parts": parts, "resumable_groups": resume_dir is not None,
                        "devices": len(devices) if devices is not None else 1})
     return out

@@ -76,6 +76,30 @@ def make_actor(cfg: ModelConfig, pcfg: PlannerConfig, eval_mode: bool = True, ba
     return actor
 
 
+def rows_actor(actor: Actor, rows, n: int) -> Actor:
+    """`actor` (from `make_actor`) for problems `rows` of an n-problem batch played apart: problem j acts
+    with row rows[j] of `jax.random.split(key, n)`, the key it has in the whole batch. Contiguous rows
+    starting at a multiple of `actor.align` (and a multiple of it long, or ending at n) form the whole
+    batch's vmapped chunks: they play the whole batch's actions bit for bit (`evaluation.evaluate`'s
+    resumable groups)."""
+    act_keys = getattr(actor, "act_keys", None)
+    if act_keys is None:
+        raise ValueError("rows_actor needs an actor with per-problem keys (`make_actor`)")
+    rows = jnp.asarray(np.asarray(rows, np.int64))
+
+    def problem_keys(key, m):
+        if m != rows.shape[0]:
+            raise ValueError(f"rows_actor plays {rows.shape[0]} problems, got {m}")
+        return jax.random.split(key, n)[rows]
+
+    def sub(params, obs, task, state, t0, key):
+        return act_keys(params, obs, task, state, t0, problem_keys(key, len(obs)))
+    sub.act_keys = act_keys
+    sub.align = getattr(actor, "align", 1)
+    sub.problem_keys = problem_keys
+    return sub
+
+
 RANDOM_ACTION_KEY = 0xDA27  # folded into the step's key for `with_random_actions`' draws
 
 
@@ -206,14 +230,15 @@ def _rollout_parts(env, actor, params, task, length, keys, state, on_step, obs, 
         a, states[i] = act_keys(params, o, task[g], states[i], jnp.full((len(g),), t == 0), step_keys[g])
         return a
 
-    step_keys = jax.random.split(keys(0), n)
+    split = getattr(actor, "problem_keys", jax.random.split)  # (key, n) -> each problem's key (`rows_actor`)
+    step_keys = split(keys(0), n)
     c0 = clock()
     pending = [dispatch(i, 0, obs[g], step_keys) for i, g in enumerate(groups)]
     for t in range(length):
         act = np.zeros((n, env.action_dim), np.float32)
         next_obs = np.zeros_like(obs)
         rew, done = np.zeros(n, np.float32), np.zeros(n, bool)
-        next_keys = jax.random.split(keys(t + 1), n) if t + 1 < length else None
+        next_keys = split(keys(t + 1), n) if t + 1 < length else None
         for i, g in enumerate(groups):
             a = np.asarray(pending[i])
             c1 = clock()

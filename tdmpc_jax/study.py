@@ -191,8 +191,15 @@ def study_tasks(teacher, scfg: StudyConfig) -> List[str]:
     return list(scfg.tasks or teacher.config.tasks)
 
 
+EVAL_GROUP = 16  # MPPI episodes per resumable group on a CPU (~1/6 of a unit's evaluation)
+
+
 def _evaluate_into(directory, agent, tasks, episodes, pcfg, eval_mode, seed=1, num_workers=0):
-    """num_workers: env worker processes (-1: the backend's default, `evaluation.env_workers`)."""
+    """num_workers: env worker processes (-1: the backend's default, `evaluation.env_workers`). On a CPU an
+    MPPI evaluation is resumable in groups of EVAL_GROUP episodes (`evaluation.evaluate(resume_dir=...)`,
+    the same returns): the 1.4M control's takes longer than a sitting there. An accelerator plays the whole
+    batch at once (minutes; groups would cost it its batching)."""
+    import jax
     from tdmpc_jax.evaluation import evaluate
     from tdmpc_jax.results_io import read_results, write_results
     if os.path.exists(os.path.join(directory, "results.json")):
@@ -200,8 +207,9 @@ def _evaluate_into(directory, agent, tasks, episodes, pcfg, eval_mode, seed=1, n
     os.makedirs(directory, exist_ok=True)
     from tdmpc_jax.evaluation import default_parts, env_workers
     workers = env_workers(num_workers)
+    resumable = pcfg.mpc and jax.default_backend() == "cpu"
     res = evaluate(agent, tasks, episodes, seed, pcfg, eval_mode=eval_mode, num_workers=workers, progress=True,
-                   parts=default_parts(workers))
+                   parts=default_parts(workers), resume_dir=directory if resumable else None, group=EVAL_GROUP)
     write_results(directory, res)
     return res
 

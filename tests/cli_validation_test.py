@@ -195,6 +195,7 @@ CASES = [
     ("evaluate", C + ["--tasks=cartpole-balance", "--output={new}", "--devices=5"], "5 devices requested, this "
      "process has"),
     ("evaluate", C + ["--tasks=cartpole-balance", "--output={new}", "--parts=-1"], "--parts=-1: must be in [0, 64]"),
+    ("evaluate", C + ["--tasks=cartpole-balance", "--output={new}", "--resume", "--group=0"], "--group=0"),
     ("evaluate", C + ["--tasks=cartpole-balance", "--output={new}", "--compute=int8"], "--compute=int8: value should be"),
     ("evaluate", C + ["--tasks=bogus", "--output={new}"], "unknown task 'bogus'"),
     ("evaluate", C + ["--tasks=mw-reach", "--output={new}"], "Meta-World"),

@@ -121,6 +121,23 @@ def test_cli_writes_results_and_compares(tmp_path):
     assert os.path.getsize(tmp_path / "cmp" / "compare.png") > 10_000
 
 
+def test_cli_resume_plays_the_one_batch_episodes(released_agent, tmp_path):
+    """evaluate.py --resume: MPPI episodes in groups (--group=1 rounds up to the CPU chunk of 4: groups of 4
+    and 2), the returns of one in-process batch bit for bit."""
+    small = ["--iterations=1", "--num_samples=16", "--num_elites=2", "--num_pi_trajs=1", "--eval_mode=false"]
+    r = _run(f"--checkpoint={FP16_CKPT}", "--tasks=pendulum-spin,cartpole-balance", "--episodes=3", *small,
+             "--resume", "--group=1", f"--output={tmp_path / 'res'}")
+    assert r.returncode == 0, r.stderr
+    got = json.load(open(tmp_path / "res" / "results.json"))
+    assert sorted(p.name for p in (tmp_path / "res" / "partial").glob("episodes-*.json")) == [
+        "episodes-0-3.json", "episodes-4-5.json"]
+    pcfg = planner.PlannerConfig(iterations=1, num_samples=16, num_elites=2, num_pi_trajs=1)
+    want = evaluation.evaluate(released_agent, "pendulum-spin,cartpole-balance", episodes=3, pcfg=pcfg,
+                               eval_mode=False, progress=False)
+    assert {t: v["returns"] for t, v in got["tasks"].items()} == {t: v["returns"] for t, v in want["tasks"].items()}
+    assert got["tasks"]["cartpole-balance"]["mean"] > 100
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--tasks=walker-fly"], "unknown task 'walker-fly'"),
     (["--tasks=mw-reach"], "Meta-World"),

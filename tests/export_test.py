@@ -337,3 +337,8 @@ def test_evaluate_scores_an_export(exported, tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "evaluate.py"), "--runtime=onnx",
                           f"--output={tmp_path / 'x'}"], capture_output=True, text=True, env=ENV, timeout=300)
     assert bad.returncode == 1 and "--onnx_dir: is required with --runtime=onnx" in bad.stderr
+    bad = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "evaluate.py"), "--runtime=onnx",
+                          f"--onnx_dir={exported}", "--resume", f"--output={tmp_path / 'y'}"],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert bad.returncode == 1 and "--resume: resumes the JAX planner's evaluation" in bad.stderr
+    assert not os.path.exists(tmp_path / "y")

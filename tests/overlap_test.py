@@ -122,3 +122,41 @@ def test_problems_split_over_two_devices_give_the_one_device_results(tmp_path):
     r = subprocess.run([sys.executable, "-c", _SHARDED, TEACHER], env=env, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_resumable_evaluation_plays_the_one_batch_episodes_and_resumes(agent, tmp_path):
+    """`evaluate(resume_dir=...)` plays the batch in aligned groups with each episode's whole-batch key: the
+    returns of one batch, with the overlapped loop inside the groups too; a rerun reuses the finished groups
+    (a planted return survives), plays a missing one again, and refuses the partial results of other settings
+    without touching them."""
+    from tdmpc_jax import evaluation
+    tasks = list(agent.config.tasks)  # 4 tasks x 3 episodes = 12 slots: groups of 4 (the CPU chunk)
+    kw = dict(episodes=3, seed=2, pcfg=PCFG, eval_mode=False, progress=False)
+    want = evaluation.evaluate(agent, tasks, **kw)
+    got = evaluation.evaluate(agent, tasks, resume_dir=str(tmp_path), group=3, **kw)   # 3 -> 4: aligned
+    got2 = evaluation.evaluate(agent, tasks, resume_dir=str(tmp_path / "b"), group=8, parts=2, **kw)
+    part = tmp_path / evaluation.RESUME_DIR
+    files = sorted(p.name for p in part.glob("episodes-*.json"))
+    assert files == ["episodes-0-3.json", "episodes-4-7.json", "episodes-8-11.json"]
+    for t in tasks:
+        assert got["tasks"][t]["returns"] == want["tasks"][t]["returns"] == got2["tasks"][t]["returns"]
+    assert got["normalized_score"] == want["normalized_score"] > 0
+    assert got["agent_steps_per_s"] > 0 and got["timing"]["resumable_groups"]
+
+    import json
+    first = json.loads((part / "episodes-0-3.json").read_text())
+    first["returns"][0] = 12345.0
+    (part / "episodes-0-3.json").write_text(json.dumps(first))
+    (part / "episodes-8-11.json").unlink()                      # killed before the last group finished
+    again = evaluation.evaluate(agent, tasks, resume_dir=str(tmp_path), group=3, **kw)
+    assert again["tasks"][tasks[0]]["returns"][0] == 12345.0    # reused, not replayed
+    assert again["tasks"][tasks[-1]]["returns"] == want["tasks"][tasks[-1]]["returns"]  # replayed the same
+    assert (part / "episodes-8-11.json").exists()
+
+    with pytest.raises(ValueError, match="partial evaluation with other seed"):
+        evaluation.evaluate(agent, tasks, resume_dir=str(tmp_path), group=3, **{**kw, "seed": 3})
+    with pytest.raises(ValueError, match="partial evaluation with other params_sha256"):
+        import dataclasses
+        other = dataclasses.replace(agent, params=jax.tree_util.tree_map(lambda x: x * 1.01, agent.params))
+        evaluation.evaluate(other, tasks, resume_dir=str(tmp_path), group=3, **kw)
+    assert len(list(part.glob("episodes-*.json"))) == 3 and (part / "spec.json").exists()

@@ -43,8 +43,11 @@ def test_units_resume_and_report(tiny, teacher, tmp_path):
     mppi = json.load(open(os.path.join(d, "eval_mppi", "results.json")))
     assert mppi["planner"]["iterations"] == 6 and mppi["planner"]["num_samples"] == 512  # official settings
     assert mppi["eval_mode"] is False and sorted(mppi["tasks"]) == sorted(TASKS)
+    assert mppi["timing"]["resumable_groups"]  # on a CPU the MPPI evaluation resumes group by group
+    assert os.path.exists(os.path.join(d, "eval_mppi", "partial", "spec.json"))
 
-    # a finished unit is never redone; a unit killed after training redoes only what is missing
+    # a finished unit is never redone; a unit killed after training redoes only what is missing (here: its
+    # MPPI evaluation's groups are all there, so it only rebuilds the result from them)
     metrics = os.path.join(d, "train", "metrics.jsonl")
     before = os.path.getmtime(metrics)
     assert study.run_unit(out, study.Unit("tiny", "reward", 1), teacher, ds, SCFG, REPO) == recs["reward"]

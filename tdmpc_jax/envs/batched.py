@@ -31,7 +31,7 @@ def _build(slots: Sequence[Slot]) -> List[DMCEnv]:
     return envs
 
 
-def _dims_of(task: str) -> Tuple[int, int, int]:
+def task_dims(task: str) -> Tuple[int, int, int]:
     """(obs_dim, action_dim, episode_length): the registry's (nothing built), else a probe env's (an
     unregistered dm_control suite task)."""
     spec = find_task(task)
@@ -169,7 +169,7 @@ class BatchedEnv:
         """slots: (task, seed, episode_index). num_workers > 0 steps shards in worker processes."""
         if num_workers <= 0:
             return cls(_build(slots), obs_dim, action_dim)
-        spec = {t: _dims_of(t) for t in {s[0] for s in slots}}
+        spec = {t: task_dims(t) for t in {s[0] for s in slots}}
         dims = tuple(list(d) for d in zip(*(spec[t] for t, _, _ in slots)))  # obs dims, action dims, lengths
         obs_dim = obs_dim or max(dims[0])
         ctx = mp.get_context("spawn")
