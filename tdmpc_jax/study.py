@@ -373,15 +373,19 @@ def score_matrix(results: Sequence[dict], tasks: Sequence[str]) -> np.ndarray:
 
 
 def aggregate(scores: Dict[str, np.ndarray], reps: int = 2000, seed: int = 0) -> Dict[str, dict]:
-    """rliable: mean and IQM with stratified-bootstrap 95% CIs over runs x tasks."""
+    """rliable: mean and IQM with stratified-bootstrap 95% CIs over runs x tasks. Each group is resampled
+    from the same seed: its CI depends on its own runs only, not on which other groups the report holds."""
     from rliable import library as rly
     from rliable import metrics
-    np.random.seed(seed)  # rliable draws from numpy's global generator
     fn = lambda x: np.array([metrics.aggregate_mean(x), metrics.aggregate_iqm(x)])
-    point, ci = rly.get_interval_estimates(scores, fn, reps=reps)
-    return {k: {"mean": float(point[k][0]), "mean_ci95": [float(ci[k][0, 0]), float(ci[k][1, 0])],
-                "iqm": float(point[k][1]), "iqm_ci95": [float(ci[k][0, 1]), float(ci[k][1, 1])],
-                "runs": int(scores[k].shape[0])} for k in scores}
+    out = {}
+    for k, v in scores.items():
+        np.random.seed(seed)  # rliable draws from numpy's global generator
+        point, ci = rly.get_interval_estimates({k: v}, fn, reps=reps)
+        out[k] = {"mean": float(point[k][0]), "mean_ci95": [float(ci[k][0, 0]), float(ci[k][1, 0])],
+                  "iqm": float(point[k][1]), "iqm_ci95": [float(ci[k][0, 1]), float(ci[k][1, 1])],
+                  "runs": int(v.shape[0])}
+    return out
 
 
 def improvement_probability(x: np.ndarray, y: np.ndarray) -> float:

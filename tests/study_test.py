@@ -194,6 +194,8 @@ def test_aggregates_follow_rliable_definitions():
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 100, (3, 30))
     agg = study.aggregate({"a": x}, reps=200)["a"]
+    both = study.aggregate({"b": rng.uniform(0, 100, (2, 30)), "a": x}, reps=200)
+    assert both["a"] == agg  # a group's CI does not depend on the other groups
     assert agg["mean"] == pytest.approx(x.mean())
     flat = np.sort(x.reshape(-1))
     assert agg["iqm"] == pytest.approx(flat[len(flat) // 4: len(flat) - len(flat) // 4].mean())
