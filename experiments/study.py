@@ -29,7 +29,7 @@ flags.DEFINE_string("teacher_mppi", os.path.join(REPO, "tests", "data", "referen
                     "the teacher's MPPI evaluation (results.json format): the reference line")
 flags.DEFINE_integer("stage", 1, "1: main comparison; 2: sizes, control, ablation; 3: the planner-objective "
                      "recipe of make distill at the main size; 4: the main size on the teacher's MPPI data "
-                     "(collected first: ~5 min on one H100, ~11 h on one CPU core)")
+                     "(collected first: ~5 min on one H100, ~11 h on one CPU core, where it resumes group by group)")
 flags.DEFINE_list("only", [], "run only these units (names as in runs/, e.g. 0.23M-best-s1)")
 cli.block_flag()
 flags.DEFINE_bool("report", False, "rebuild the tables and figures from finished units (those under --output and "

@@ -124,39 +124,87 @@ def params_digest(params) -> str:
     return h.hexdigest()
 
 
+class EpisodeGroups:
+    """A batch of episodes (slots) played in resumable groups. `directory` holds spec.json (what is played:
+    the agent's params digest and the settings; another spec there is an error, nothing is reused or
+    removed) and one file per finished group, `episodes-<first>-<last><suffix>`. The groups are contiguous
+    rows aligned to the planner's chunk, played with their whole-batch keys (`run_episodes(rows=...)`):
+    together they play what one batch plays. Used by `evaluate(resume_dir=...)` and
+    `data.collect.collect(resume_dir=...)`."""
+
+    def __init__(self, directory: str, spec: dict, slots: Sequence[tuple], pcfg: PlannerConfig, group: int,
+                 suffix: str = ".json"):
+        import json
+        from tdmpc_jax import atomic
+        if group < 1:
+            raise ValueError("group must be >= 1")
+        align = planner.group_align(pcfg)
+        size = -(-group // align) * align
+        self.slots, self.directory, self.suffix = list(slots), directory, suffix
+        n = len(self.slots)
+        self.groups = [np.arange(a, min(a + size, n)) for a in range(0, n, size)]
+        spec_path = os.path.join(directory, "spec.json")
+        if os.path.exists(spec_path):
+            try:
+                with open(spec_path) as f:
+                    old = json.load(f)
+                if not isinstance(old, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{spec_path}: unreadable ({e}); move it away to start afresh") from None
+            if old != spec:
+                diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+                raise ValueError(f"{directory}: holds partial episodes with other {', '.join(diff)}; move it away "
+                                 "or use another directory")
+        else:
+            os.makedirs(directory, exist_ok=True)
+            atomic.write_file(spec_path, json.dumps(spec, indent=1))
+
+    def path(self, rows) -> str:
+        return os.path.join(self.directory, f"episodes-{rows[0]}-{rows[-1]}{self.suffix}")
+
+    def load_error(self, rows, e: Exception) -> ValueError:
+        return ValueError(f"{self.path(rows)}: not a finished group of these episodes ({type(e).__name__}: {e})")
+
+    def play(self, agent, pcfg, seed, eval_mode, num_workers, progress, parts, devices, start) -> List[np.ndarray]:
+        """Play every missing group, in order, under one progress bar: `start(rows)` -> (on_step hook or None,
+        finish(returns, timing, wall_s)) that keeps the group (atomically). -> the groups played now."""
+        todo = [g for g in self.groups if not os.path.exists(self.path(g))]
+        length = max(task_dims(t)[2] for t in {s[0] for s in self.slots})  # the lock-step loop's length
+        bar = Progress(len(self.groups) * length, "steps", desc=f"{len(self.slots)} envs in {len(self.groups)} groups  ",
+                       initial=(len(self.groups) - len(todo)) * length, enabled=progress)
+        with bar:
+            if todo and len(todo) < len(self.groups):
+                bar.write(f"resuming: {len(self.groups) - len(todo)} of {len(self.groups)} groups already played")
+            for g in todo:
+                hook, finish = start(g)
+                t0, part = time.perf_counter(), {}
+                r, _ = run_episodes(agent, self.slots, pcfg, seed, eval_mode, num_workers, bar, on_step=hook,
+                                    timing=part, parts=parts, devices=devices, rows=g)
+                part["agent_steps"] = len(g) * part["steps"]
+                finish(r, part, time.perf_counter() - t0)
+        return todo
+
+
 def _evaluate_groups(agent, slots, pcfg, seed, eval_mode, num_workers, progress, parts, devices, directory, spec,
                      group, timing):
     """The resumable evaluation (`evaluate(resume_dir=...)`) -> (returns, wall seconds over every sitting)."""
     import json
     from tdmpc_jax import atomic
-    align = planner.group_align(pcfg)
-    size = -(-group // align) * align
-    n = len(slots)
-    groups = [np.arange(a, min(a + size, n)) for a in range(0, n, size)]
-    spec_path = os.path.join(directory, "spec.json")
-    if os.path.exists(spec_path):
-        try:
-            with open(spec_path) as f:
-                old = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{spec_path}: unreadable ({e}); move it away to start the evaluation afresh") from None
-        if old != spec:
-            diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
-            raise ValueError(f"{directory}: holds a partial evaluation with other {', '.join(diff)}; move it away "
-                             "or evaluate into another directory")
-    else:
-        os.makedirs(directory, exist_ok=True)
-        atomic.write_file(spec_path, json.dumps(spec, indent=1))
-    paths = [os.path.join(directory, f"episodes-{g[0]}-{g[-1]}.json") for g in groups]
-    returns = np.zeros(n, np.float64)
+    store = EpisodeGroups(directory, spec, slots, pcfg, group)
+
+    def start(g):
+        def finish(r, part, wall):
+            atomic.write_file(store.path(g), json.dumps({"episodes": [list(slots[i]) for i in g],
+                                                         "returns": r.tolist(), "wall_s": wall, "timing": part}))
+        return None, finish
+
+    store.play(agent, pcfg, seed, eval_mode, num_workers, progress, parts, devices, start)
+    returns = np.zeros(len(slots), np.float64)
     wall, tm = 0.0, {}
-    todo = []
-    for g, path in zip(groups, paths):
-        if not os.path.exists(path):
-            todo.append((g, path))
-            continue
+    for g in store.groups:
         try:
-            with open(path) as f:
+            with open(store.path(g)) as f:
                 rec = json.load(f)
             if rec["episodes"] != [list(slots[i]) for i in g]:
                 raise ValueError("other episodes")
@@ -168,26 +216,7 @@ def _evaluate_groups(agent, slots, pcfg, seed, eval_mode, num_workers, progress,
             for k, v in rec["timing"].items():
                 tm[k] = tm.get(k, 0) + v
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: not a finished group of this evaluation ({type(e).__name__}: {e})") from None
-    length = max(task_dims(t)[2] for t in {s[0] for s in slots})  # the lock-step loop's length
-    bar = Progress(len(groups) * length, "steps", desc=f"{n} envs in {len(groups)} groups  ",
-                   initial=(len(groups) - len(todo)) * length, enabled=progress)
-    with bar:
-        if todo and len(todo) < len(groups):
-            bar.write(f"resuming: {len(groups) - len(todo)} of {len(groups)} groups already played")
-        for g, path in todo:
-            t0 = time.perf_counter()
-            part = {}
-            r, _ = run_episodes(agent, slots, pcfg, seed, eval_mode, num_workers, bar, timing=part, parts=parts,
-                                devices=devices, rows=g)
-            returns[g] = r
-            part["agent_steps"] = len(g) * part["steps"]
-            w = time.perf_counter() - t0
-            atomic.write_file(path, json.dumps({"episodes": [list(slots[i]) for i in g], "returns": r.tolist(),
-                                                "wall_s": w, "timing": part}))
-            wall += w
-            for k, v in part.items():
-                tm[k] = tm.get(k, 0) + v
+            raise store.load_error(g, e) from None
     timing.update(tm)
     return returns, wall
 

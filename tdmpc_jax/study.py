@@ -169,18 +169,24 @@ def _done(path) -> Optional[dict]:
         return None
 
 
+CPU_GROUP = 16  # MPPI episodes per resumable group on a CPU (evaluation: ~1/6 of a unit's; collection: 1/38)
+
+
 def ensure_data(out: str, teacher, scfg: StudyConfig, seed: int = 1, data: str = "pi"):
     """A study dataset (DATA[data]): collect_episodes per task, acting with the teacher's sampled policy
     prior ("pi") or its MPPI planner at the official settings ("mppi"), with a done marker."""
     from tdmpc_jax.data import Dataset
     from tdmpc_jax.data.collect import collect
     from tdmpc_jax.planner import PlannerConfig
+    import jax
     spec = DATA[data]
     path = os.path.join(out, spec["dir"])
     if _done(os.path.join(path, "DONE")) is None:
         t0 = time.perf_counter()
+        # teacher MPPI on a CPU (~11 h for 600 episodes): in resumable groups, kept in <dir>.partial
+        resume = path + ".partial" if spec["mpc"] and jax.default_backend() == "cpu" else None
         ds = collect(teacher, study_tasks(teacher, scfg), scfg.collect_episodes, path, PlannerConfig(mpc=spec["mpc"]),
-                     seed, eval_mode=False, progress=True, overwrite=True)
+                     seed, eval_mode=False, progress=True, overwrite=True, resume_dir=resume, group=CPU_GROUP)
         atomic.write_file(os.path.join(path, "DONE"), json.dumps(
             {"episodes_per_task": scfg.collect_episodes, "acting": spec["acting"],
              "returns": ds.meta_returns, "wall_s": time.perf_counter() - t0}, indent=1))
@@ -191,12 +197,11 @@ def study_tasks(teacher, scfg: StudyConfig) -> List[str]:
     return list(scfg.tasks or teacher.config.tasks)
 
 
-EVAL_GROUP = 16  # MPPI episodes per resumable group on a CPU (~1/6 of a unit's evaluation)
 
 
 def _evaluate_into(directory, agent, tasks, episodes, pcfg, eval_mode, seed=1, num_workers=0):
     """num_workers: env worker processes (-1: the backend's default, `evaluation.env_workers`). On a CPU an
-    MPPI evaluation is resumable in groups of EVAL_GROUP episodes (`evaluation.evaluate(resume_dir=...)`,
+    MPPI evaluation is resumable in groups of CPU_GROUP episodes (`evaluation.evaluate(resume_dir=...)`,
     the same returns): the 1.4M control's takes longer than a sitting there. An accelerator plays the whole
     batch at once (minutes; groups would cost it its batching)."""
     import jax
@@ -209,7 +214,7 @@ def _evaluate_into(directory, agent, tasks, episodes, pcfg, eval_mode, seed=1, n
     workers = env_workers(num_workers)
     resumable = pcfg.mpc and jax.default_backend() == "cpu"
     res = evaluate(agent, tasks, episodes, seed, pcfg, eval_mode=eval_mode, num_workers=workers, progress=True,
-                   parts=default_parts(workers), resume_dir=directory if resumable else None, group=EVAL_GROUP)
+                   parts=default_parts(workers), resume_dir=directory if resumable else None, group=CPU_GROUP)
     write_results(directory, res)
     return res
 

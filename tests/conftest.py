@@ -35,7 +35,7 @@ FILE_SECONDS = {
     "overlap_test.py": 576, "planner_test.py": 355, "export_test.py": 315, "update_fidelity_test.py": 229,
     "pipeline_test.py": 221, "extend_distill_test.py": 210, "crash_safety_test.py": 201, "evaluation_test.py": 250,
     "quantize_test.py": 101, "losses_test.py": 89, "plan_fidelity_test.py": 82, "extend_format_test.py": 80,
-    "plan_terms_test.py": 74, "networks_test.py": 40, "rollout_test.py": 27, "envs_test.py": 27,
+    "plan_terms_test.py": 74, "networks_test.py": 40, "rollout_test.py": 110, "envs_test.py": 27,
     "convert_cli_test.py": 23, "envs_replay_test.py": 20, "extend_task_test.py": 20, "scalar_math_test.py": 16,
     "online_test.py": 15, "render_test.py": 12, "repo_test.py": 11, "envs_custom_rewards_test.py": 10,
     "orbax_io_test.py": 9, "official_format_test.py": 7, "checkpoint_reader_test.py": 7, "orbax_integrity_test.py": 5,

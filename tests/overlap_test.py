@@ -153,9 +153,9 @@ def test_resumable_evaluation_plays_the_one_batch_episodes_and_resumes(agent, tm
     assert again["tasks"][tasks[-1]]["returns"] == want["tasks"][tasks[-1]]["returns"]  # replayed the same
     assert (part / "episodes-8-11.json").exists()
 
-    with pytest.raises(ValueError, match="partial evaluation with other seed"):
+    with pytest.raises(ValueError, match="holds partial episodes with other seed"):
         evaluation.evaluate(agent, tasks, resume_dir=str(tmp_path), group=3, **{**kw, "seed": 3})
-    with pytest.raises(ValueError, match="partial evaluation with other params_sha256"):
+    with pytest.raises(ValueError, match="holds partial episodes with other params_sha256"):
         import dataclasses
         other = dataclasses.replace(agent, params=jax.tree_util.tree_map(lambda x: x * 1.01, agent.params))
         evaluation.evaluate(other, tasks, resume_dir=str(tmp_path), group=3, **kw)

@@ -134,3 +134,31 @@ def test_collect_with_random_actions(tmp_path):
     assert 0.5 < np.nanstd(a_noisy[1, 1:, :dim]) < 0.65
     with pytest.raises(ValueError, match="probabilities in"):
         collect(teacher, ["cartpole-balance"], 1, tmp_path / "bad", random_actions=(1.5,), **kw)
+
+
+def test_resumable_collection_writes_the_one_batch_dataset(tmp_path):
+    """collect(resume_dir=...): MPPI episodes in chunk-aligned groups (group 1 -> the CPU chunk of 4: groups
+    of 4 and 2), each kept as it finishes; the dataset equals the one-batch collection's array for array,
+    also when a killed collection is called again (only the missing group is played)."""
+    import tdmpc_jax
+    from tdmpc_jax.data.collect import collect
+    from tdmpc_jax.planner import PlannerConfig
+    teacher = tdmpc_jax.load_checkpoint(_TEACHER)
+    tasks = ["pendulum-spin", "cartpole-balance"]
+    kw = dict(pcfg=PlannerConfig(iterations=1, num_samples=16, num_elites=2, num_pi_trajs=1), seed=2,
+              eval_mode=False, progress=False)
+    want = collect(teacher, tasks, 3, tmp_path / "one", **kw)
+    part = tmp_path / "partial"
+    got = collect(teacher, tasks, 3, tmp_path / "groups", resume_dir=str(part), group=1, **kw)
+    assert sorted(p.name for p in part.glob("episodes-*")) == ["episodes-0-3.npz", "episodes-4-5.npz"]
+    (part / "episodes-4-5.npz").unlink()                       # killed before the last group was kept
+    again = collect(teacher, tasks, 3, tmp_path / "again", resume_dir=str(part), group=1, **kw)
+    for ds in (got, again):
+        for k in ("obs", "action", "reward", "task"):
+            np.testing.assert_array_equal(np.asarray(ds.arrays[k]), np.asarray(want.arrays[k]), err_msg=k)
+        assert ds.meta_returns == want.meta_returns
+    with pytest.raises(ValueError, match="holds partial episodes with other slots"):
+        collect(teacher, tasks, 2, tmp_path / "x", resume_dir=str(part), group=1, **kw)
+    with pytest.raises(ValueError, match="resumable collection plays the planner's own actions"):
+        collect(teacher, tasks, 2, tmp_path / "y", resume_dir=str(tmp_path / "p2"), random_actions=(0.5,), **kw)
+    assert not (tmp_path / "x").exists() and len(list(part.glob("episodes-*"))) == 2
