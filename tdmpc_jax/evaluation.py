@@ -307,7 +307,8 @@ def evaluate(agent: Agent, tasks, episodes: int = 10, seed: int = 1, pcfg: Optio
     out = summarize(per_task)
     out.update(checkpoint=str(agent.metadata.get("source", "")), seed=seed, episodes=episodes,
                eval_mode=eval_mode, planner=dataclasses.asdict(pcfg), wall_time_s=wall,
-               agent_steps_per_s=timing.get("agent_steps", len(slots) * timing["steps"]) / wall, jax_backend=jax.default_backend(),
+               agent_steps_per_s=timing.get("agent_steps", len(slots) * timing["steps"]) / wall,
+               jax_backend=jax.default_backend(),
                timing={"first_step_s (compile included)": timing["act_first_s"], "act_s (plan + transfer)":
                        timing["act_s"], "env_s": timing["env_s"], "hooks_s": timing["hook_s"],
                        "setup_s (envs, params)": wall - timing["act_first_s"] - timing["act_s"]
