@@ -4,6 +4,7 @@
   python experiments/study.py --stage=2                 # other sizes, the 1.4M control, the ablation
   python experiments/study.py --stage=3                 # make distill's planner-objective recipe, 3 seeds
   python experiments/study.py --stage=4 --jobs=4 --block=50     # the main size on teacher-MPPI data (a GPU machine)
+  python experiments/study.py --stage=5                 # the main size on one DAgger round (a student's own states)
   python experiments/study.py --report                  # tables + figures from the finished units
   python experiments/study.py --stage=1 --only=0.23M-best-s1   # one unit (e.g. on a GPU machine)
   python experiments/study.py --stage=2 --jobs=4 --block=50     # 4 units side by side (a GPU machine)
@@ -29,7 +30,10 @@ flags.DEFINE_string("teacher_mppi", os.path.join(REPO, "tests", "data", "referen
                     "the teacher's MPPI evaluation (results.json format): the reference line")
 flags.DEFINE_integer("stage", 1, "1: main comparison; 2: sizes, control, ablation; 3: the planner-objective "
                      "recipe of make distill at the main size; 4: the main size on the teacher's MPPI data "
-                     "(collected first: ~5 min on one H100, ~11 h on one CPU core, where it resumes group by group)")
+                     "(collected first: ~5 min on one H100, ~11 h on one CPU core, where it resumes group by group); 5: the "
+                     "main size on one DAgger round: the stage-1 data plus the states a committed distilled "
+                     "student reaches with its own policy prior (--results/students), labelled by the teacher "
+                     "through the distillation terms")
 flags.DEFINE_list("only", [], "run only these units (names as in runs/, e.g. 0.23M-best-s1)")
 cli.block_flag()
 flags.DEFINE_bool("report", False, "rebuild the tables and figures from finished units (those under --output and "
@@ -53,7 +57,7 @@ flags.DEFINE_integer("eval_workers", -1, "environment worker processes per evalu
 cli.existing_path("teacher", "teacher_mppi")
 cli.positive_int("jobs")
 cli.positive_int("steps", "batch_size", "collect_episodes", "mppi_episodes", "pi_episodes")
-cli.int_range("stage", lo=1, hi=4)
+cli.int_range("stage", lo=1, hi=5)
 cli.int_range("eval_workers", lo=-1, hi=256)
 cli.output("output", "study")
 cli.output("results", "study-results")
@@ -61,7 +65,7 @@ cli.output("results", "study-results")
 
 def _check_only(v):
     from tdmpc_jax.study import stage_units
-    names = [u.name for u in stage_units(v["stage"])] if v["stage"] in (1, 2, 3, 4) else []
+    names = [u.name for u in stage_units(v["stage"])] if v["stage"] in (1, 2, 3, 4, 5) else []
     bad = [n for n in v["only"] or [] if n not in names]
     if bad:
         raise ValueError(f"--only={','.join(v['only'])}: {bad[0]!r} is not a stage-{v['stage']} unit "
@@ -120,7 +124,8 @@ def main(argv):
         return
     claim_output(out, "study", FLAGS.overwrite)
     # the datasets these units train on (each collected once; study.DATA)
-    datasets = {d: study.ensure_data(out, teacher, scfg, data=d) for d in sorted({u.data for u in units})}
+    datasets = {d: study.ensure_data(out, teacher, scfg, data=d, students=os.path.join(FLAGS.results, "students"))
+                for d in sorted({u.data for u in units})}
     study._evaluate_into(os.path.join(out, "teacher", "eval_pi"), teacher, study.study_tasks(teacher, scfg),
                          scfg.pi_episodes, PlannerConfig(mpc=False), True)
     if FLAGS.prepare:

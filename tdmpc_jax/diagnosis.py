@@ -9,12 +9,17 @@ Three questions the MT30 study's scores alone cannot answer, each measured, not 
     the teacher's adds little information (`fit`);
   * imitation: how far each agent's policy mean (eval mode, tanh-squashed, the task's action dims) is
     from the teacher's on the same states, and from the dataset's (sampled) actions; and how often it
-    sits at the bounds (`fit`).
-Everything is computed on slices drawn from the dataset with a fixed seed, so agents are compared on the
-same states.
+    sits at the bounds (`fit`);
+  * the same where each agent acts (`own_states`): imitation learned on the teacher's states can fail on
+    the states the student's own policy reaches (compounding errors, the covariate shift that DAgger
+    corrects); its reward head can be right on the data and wrong where it plans.
+Everything is computed on slices drawn from a dataset with a fixed seed, so agents are compared on the
+same states (`own_states`: each agent's own episodes, the teacher's heads measured on them too).
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Dict, Sequence
 
 import numpy as np
@@ -69,6 +74,42 @@ def fit(agents: Dict[str, object], teacher, dataset, per_task: int = 512, seed: 
                 "pi_mse_data": sq(pi[m], action[m]),
                 "pi_saturated": float(np.sum((np.abs(pi[m]) > 0.99) * valid[m]) / np.sum(valid[m]))}
         out[name] = rows
+    return out
+
+
+def own_states(agents: Dict[str, object], teacher, tasks: Sequence[str], episodes: int = 2, per_task: int = 512,
+               seed: int = 0, progress: bool = False) -> Dict[str, dict]:
+    """`fit` on the states each agent reaches: every agent (the teacher too, under "teacher") plays
+    `episodes` policy-prior episodes per task (eval mode, the study's policy-prior protocol), and its heads
+    and the teacher's are measured on `per_task` of its transitions per task.
+    -> {agent: {"agent": {task: fit row}, "teacher": {task: the teacher's fit row on those states},
+                "returns": {task: mean return of the episodes}}}."""
+    from tdmpc_jax.data.collect import collect
+    from tdmpc_jax.planner import PlannerConfig
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, agent in {"teacher": teacher, **agents}.items():
+            ds = collect(agent, list(tasks), episodes, os.path.join(tmp, "own"), PlannerConfig(mpc=False), seed=seed,
+                         eval_mode=True, progress=progress, overwrite=True)
+            fits = fit({name: agent}, teacher, ds, per_task, seed)
+            out[name] = {"agent": fits[name], "teacher": fits["teacher"], "returns": dict(ds.meta_returns)}
+    return out
+
+
+def summarize_own_states(own: Dict[str, dict], fits: Dict[str, dict]) -> Dict[str, dict]:
+    """Per agent, means over tasks: the policy-mean MSE against the teacher's on the data's states (`fits`,
+    from `fit`) and on the agent's own states; the reward MAE of the agent's head and of the teacher's on the
+    agent's own states (and the agent's on the data, for reference); the own episodes' mean return / 10."""
+    out = {}
+    for name, v in own.items():
+        tasks = list(v["agent"])
+        mean = lambda rows, key: float(np.mean([rows[t][key] for t in tasks]))
+        out[name] = {"pi_mse_teacher_data": mean(fits[name], "pi_mse_teacher"),
+                     "pi_mse_teacher_own": mean(v["agent"], "pi_mse_teacher"),
+                     "reward_mae_data": mean(fits[name], "reward_mae"),
+                     "reward_mae_own": mean(v["agent"], "reward_mae"),
+                     "teacher_reward_mae_own": mean(v["teacher"], "reward_mae"),
+                     "score_own": float(np.mean([v["returns"][t] for t in tasks]) / 10.0), "tasks": len(tasks)}
     return out
 
 

@@ -66,12 +66,25 @@ SIZE_ARMS = ("scratch", "reward", "plan")
 ABLATION_ARMS = ("reward", "reward+policy", "reward+q", "reward+kl", "best", "all")
 STUDENT_ARMS = MAIN_ARMS + ("plan",)  # the main size's students committed as checkpoints by the report
 MPPI_DATA_ARMS = ("scratch", "reward", "plan", "plan+action")
+DAGGER_ARMS = ("scratch", "reward+policy", "plan")
+DAGGER_DATA = ("dagger", "more")
 
 # The study's datasets, each collected once by the teacher, `collect_episodes` per task, seed 1. "pi" is
 # the data of stages 1-3; "mppi" (stage 4) holds the teacher's planning: README "Why not 60%".
 DATA: Dict[str, dict] = {
     "pi": {"dir": "data", "mpc": False, "acting": "teacher policy prior, sampled (eval_mode=False)"},
     "mppi": {"dir": "data-mppi", "mpc": True, "acting": "teacher MPPI, official planner settings (eval_mode=False)"},
+    # stage 5, one DAgger round: the "pi" data plus the states a distilled student reaches with its own sampled
+    # policy prior (a committed student of the main comparison, `episodes` per task, seed 2); the distillation
+    # terms label every state of a batch with the teacher's heads (README "Why not 60%"). "more" is its
+    # control: as many more episodes, from the teacher's own sampled policy prior (seed 2)
+    "dagger": {"dir": "data-dagger", "mpc": False, "with": "pi", "actor": "0.23M-best-s1", "episodes": 10,
+               "control": "more",
+               "acting": "the pi data + 10 episodes per task of the student 0.23M-best-s1's sampled policy prior "
+                         "(eval_mode=False, seed 2)"},
+    "more": {"dir": "data-more", "mpc": False, "with": "pi", "actor": "teacher", "episodes": 10,
+             "acting": "the pi data + 10 more episodes per task of the teacher's sampled policy prior "
+                       "(eval_mode=False, seed 2)"},
 }
 
 
@@ -136,7 +149,9 @@ def stage_units(stage: int) -> List[Unit]:
     Stage 2: the other sizes and the 1.4M control (SIZE_ARMS, 2 seeds), the ablation at the main size
     (3 seeds).
     Stage 3: `make distill`'s planner-objective recipe ("plan") at the main size, 3 seeds.
-    Stage 4: the main size on the teacher's MPPI data (DATA["mppi"]), MPPI_DATA_ARMS, 2 seeds."""
+    Stage 4: the main size on the teacher's MPPI data (DATA["mppi"]), MPPI_DATA_ARMS, 2 seeds.
+    Stage 5: the main size on one DAgger round (DATA["dagger"]) and on its control (DATA["more"]: as much more
+    data from the teacher), DAGGER_ARMS, 2 seeds."""
     if stage == 1:
         return [Unit(MAIN_SIZE, a, s) for s in (1, 2, 3) for a in MAIN_ARMS]
     if stage == 2:
@@ -147,7 +162,9 @@ def stage_units(stage: int) -> List[Unit]:
         return [Unit(MAIN_SIZE, "plan", s) for s in (1, 2, 3)]
     if stage == 4:
         return [Unit(MAIN_SIZE, a, s, "mppi") for s in (1, 2) for a in MPPI_DATA_ARMS]
-    raise ValueError(f"stage must be 1, 2, 3 or 4, got {stage}")
+    if stage == 5:
+        return [Unit(MAIN_SIZE, a, s, d) for s in (1, 2) for a in DAGGER_ARMS for d in DAGGER_DATA]
+    raise ValueError(f"stage must be 1-5, got {stage}")
 
 
 def git_commit(repo: str) -> str:
@@ -172,24 +189,43 @@ def _done(path) -> Optional[dict]:
 CPU_GROUP = 16  # MPPI episodes per resumable group on a CPU (evaluation: ~1/6 of a unit's; collection: 1/38)
 
 
-def ensure_data(out: str, teacher, scfg: StudyConfig, seed: int = 1, data: str = "pi"):
-    """A study dataset (DATA[data]): collect_episodes per task, acting with the teacher's sampled policy
-    prior ("pi") or its MPPI planner at the official settings ("mppi"), with a done marker."""
-    from tdmpc_jax.data import Dataset
+def ensure_data(out: str, teacher, scfg: StudyConfig, seed: int = 1, data: str = "pi", students: str = ""):
+    """A study dataset (DATA[data]) with a done marker: collect_episodes per task, acting with the teacher's
+    sampled policy prior ("pi") or its MPPI planner at the official settings ("mppi"); or ("dagger", "more")
+    the dataset DATA[data]["with"] plus the episodes that DATA[data]["actor"] (the teacher, or a committed
+    student: `students`/<name>, the report's students directory) plays with its sampled policy prior."""
+    from tdmpc_jax.data import Dataset, merge_datasets
     from tdmpc_jax.data.collect import collect
     from tdmpc_jax.planner import PlannerConfig
     import jax
     spec = DATA[data]
     path = os.path.join(out, spec["dir"])
-    if _done(os.path.join(path, "DONE")) is None:
-        t0 = time.perf_counter()
+    if _done(os.path.join(path, "DONE")) is not None:
+        return Dataset(path)
+    t0 = time.perf_counter()
+    if "with" in spec:
+        import tdmpc_jax
+        actor = teacher
+        if spec["actor"] != "teacher":
+            src = os.path.join(students, spec["actor"])
+            if not os.path.isdir(src):
+                raise ValueError(f"{src}: the student that acts for the {data!r} data is not there (the report of "
+                                 f"stage 1 commits it)")
+            actor = tdmpc_jax.load_checkpoint(src)
+        base = ensure_data(out, teacher, scfg, seed, spec["with"])
+        own = collect(actor, study_tasks(teacher, scfg), spec["episodes"], path + ".added",
+                      PlannerConfig(mpc=False), seed + 1, eval_mode=False, progress=True, overwrite=True)
+        ds = merge_datasets(path, [base, own], overwrite=True)
+        returns = own.meta_returns
+    else:
         # teacher MPPI on a CPU (~11 h for 600 episodes): in resumable groups, kept in <dir>.partial
         resume = path + ".partial" if spec["mpc"] and jax.default_backend() == "cpu" else None
         ds = collect(teacher, study_tasks(teacher, scfg), scfg.collect_episodes, path, PlannerConfig(mpc=spec["mpc"]),
                      seed, eval_mode=False, progress=True, overwrite=True, resume_dir=resume, group=CPU_GROUP)
-        atomic.write_file(os.path.join(path, "DONE"), json.dumps(
-            {"episodes_per_task": scfg.collect_episodes, "acting": spec["acting"],
-             "returns": ds.meta_returns, "wall_s": time.perf_counter() - t0}, indent=1))
+        returns = ds.meta_returns
+    atomic.write_file(os.path.join(path, "DONE"), json.dumps(
+        {"episodes_per_task": spec.get("episodes", scfg.collect_episodes), "acting": spec["acting"],
+         "returns": returns, "wall_s": time.perf_counter() - t0}, indent=1))
     return Dataset(path)
 
 
@@ -448,8 +484,10 @@ def report(out: str, dest: str, teacher_mppi: dict, teacher_pi: Optional[dict], 
                                 "uses_teacher": recs[0]["uses_teacher"]}
     for z, a in groups:
         arm, _, data = a.partition("@")
-        # against scratch on the same data; a group on other data also against its arm on the "pi" data
+        # against scratch on the same data; a group on other data also against its arm on the "pi" data and,
+        # where that data has a control (DATA[...]["control"]), against its arm on the control data
         bases = ([f"scratch@{data}" if data else "scratch"] if arm != "scratch" else []) + ([arm] if data else [])
+        bases += [f"{arm}@{DATA[data]['control']}"] if data and "control" in DATA[data] else []
         for b in bases:
             if f"{z}/{b}" in mppi_scores:
                 x, y = f"{z}/{a}", f"{z}/{b}"
@@ -473,11 +511,11 @@ def report(out: str, dest: str, teacher_mppi: dict, teacher_pi: Optional[dict], 
     return summary
 
 
-def diagnose(out: str, dest: str, teacher, teacher_mppi: dict, per_task: int = 512) -> dict:
+def diagnose(out: str, dest: str, teacher, teacher_mppi: dict, per_task: int = 512, own_episodes: int = 2) -> dict:
     """What limits the students (`tdmpc_jax.diagnosis`), written to dest/diagnosis.{json,md} and
     dest/coverage.png: data coverage over every finished unit (each arm over all sizes), and the reward /
     policy fit of the main size's committed students (dest/students) and of the teacher on the study's
-    dataset."""
+    dataset and on the states each reaches with its own policy prior (`own_episodes` per task)."""
     import tdmpc_jax
     from tdmpc_jax import diagnosis, plots
     from tdmpc_jax.data import Dataset
@@ -498,25 +536,30 @@ def diagnose(out: str, dest: str, teacher, teacher_mppi: dict, per_task: int = 5
     students = {n: tdmpc_jax.load_checkpoint(os.path.join(sdir, n))
                 for n in (sorted(os.listdir(sdir)) if os.path.isdir(sdir) else [])}
     fits = diagnosis.fit(students, teacher, Dataset(os.path.join(out, "data")), per_task)
+    own = diagnosis.own_states(students, teacher, tasks, own_episodes, per_task, progress=True)
     per_agent = diagnosis.summarize_fit(fits)
-    per_arm: Dict[str, dict] = {"teacher": {**per_agent["teacher"], "runs": 1}}
-    for n in students:
-        arm = parse_unit_name(n).group
-        per_arm.setdefault(arm, {"runs": 0, **{k: [] for k in per_agent[n]}})
-        per_arm[arm]["runs"] += 1
-        for k, v in per_agent[n].items():
-            per_arm[arm][k].append(v)
-    for arm, v in per_arm.items():
-        if arm != "teacher":
-            per_arm[arm] = {k: (x if k == "runs" else float(np.mean(x))) for k, x in v.items()}
-    res = {"coverage": cov, "fit": {"per_arm": per_arm, "per_agent": per_agent, "per_task": fits,
-                                    "transitions_per_task": per_task, "students": list(students)}}
+    res = {"coverage": cov,
+           "fit": {"per_arm": _per_arm(per_agent), "per_agent": per_agent,
+                   "per_task": fits, "transitions_per_task": per_task, "students": list(students)},
+           "own_states": {"per_arm": _per_arm(diagnosis.summarize_own_states(own, fits)), "per_task": own,
+                          "episodes_per_task": own_episodes, "transitions_per_task": per_task}}
     atomic.write_file(os.path.join(dest, "diagnosis.json"), json.dumps(res, indent=1))
     atomic.write_file(os.path.join(dest, "diagnosis.md"), _diagnosis_markdown(res))
     arms = [a for a in SIZE_ARMS if a in cov["arms"]]
     plots.study_coverage(cov, arms, os.path.join(dest, "coverage.png"),
                          "MT30 per task: the students against the data that trained them (every size)", _palette())
     return res
+
+
+def _per_arm(per_agent: Dict[str, dict]) -> Dict[str, dict]:
+    """Per-agent summaries (student names as in runs/, and "teacher") as per-arm means over seeds, with
+    the number of runs."""
+    out: Dict[str, dict] = {"teacher": {**per_agent["teacher"], "runs": 1}}
+    for n, v in per_agent.items():
+        if n != "teacher":
+            out.setdefault(parse_unit_name(n).group, []).append(v)
+    return {a: (v if a == "teacher" else {"runs": len(v), **{k: float(np.mean([r[k] for r in v])) for k in v[0]}})
+            for a, v in out.items()}
 
 
 def _diagnosis_markdown(res: dict) -> str:
@@ -540,6 +583,17 @@ def _diagnosis_markdown(res: dict) -> str:
     sat = ", ".join(f"{a} {100 * v['pi_saturated']:.0f}%" for a, v in fit.items())
     lines += ["", f"Policy-mean MSE: where actions sit at +-1, 0 is the same action and 2 an unrelated one. Action "
               f"dims where the policy mean is beyond +-0.99: {sat}."]
+    own = res["own_states"]
+    lines += ["", f"Where each agent acts: {own['episodes_per_task']} policy-prior episodes per task (eval mode) of "
+              f"every agent, {own['transitions_per_task']} of its transitions per task, its heads and the teacher's "
+              "measured on them (mean over tasks and seeds):", "",
+              "| agent | runs | policy-mean MSE vs the teacher, data's states | own states | reward MAE, data | "
+              "own states | the teacher's reward MAE on these states | score of these episodes (few: noisy) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for a, v in own["per_arm"].items():
+        lines.append(f"| {a} | {v['runs']} | {v['pi_mse_teacher_data']:.3f} | {v['pi_mse_teacher_own']:.3f} | "
+                     f"{v['reward_mae_data']:.3f} | {v['reward_mae_own']:.3f} | {v['teacher_reward_mae_own']:.3f} | "
+                     f"{v['score_own']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -27,7 +27,7 @@ def tiny(monkeypatch):
     monkeypatch.setattr(study, "MAIN_SIZE", "tiny")
 
 
-def test_units_resume_and_report(tiny, teacher, tmp_path):
+def test_units_resume_and_report(tiny, teacher, tmp_path, monkeypatch):
     out, dest = str(tmp_path / "study"), str(tmp_path / "results")
     ds = study.ensure_data(out, teacher, SCFG)
     assert ds.num_episodes == len(TASKS) and os.path.exists(os.path.join(out, "data", "DONE"))
@@ -80,6 +80,10 @@ def test_units_resume_and_report(tiny, teacher, tmp_path):
     assert set(diag["fit"]["per_arm"]) == {"teacher", "scratch", "reward"}
     assert diag["fit"]["students"] == ["tiny-reward-s1", "tiny-scratch-s1"]
     assert diag["fit"]["per_arm"]["teacher"]["pi_mse_teacher"] == 0.0
+    own = diag["own_states"]["per_arm"]
+    assert set(own) == {"teacher", "scratch", "reward"} and own["teacher"]["pi_mse_teacher_own"] == 0.0
+    assert own["reward"]["pi_mse_teacher_data"] == diag["fit"]["per_arm"]["reward"]["pi_mse_teacher"]
+    assert own["scratch"]["pi_mse_teacher_own"] > 0.0 and "own states" in open(os.path.join(dest, "diagnosis.md")).read()
     assert set(diag["coverage"]["arms"]) == {"scratch", "reward"} and sorted(diag["coverage"]["tasks"]) == sorted(TASKS)
     for f in ("diagnosis.json", "diagnosis.md", "coverage.png"):
         assert os.path.getsize(os.path.join(dest, f)) > 0, f
@@ -124,6 +128,33 @@ def test_units_resume_and_report(tiny, teacher, tmp_path):
     assert [u.name for u, *_ in study.committed_units(dest4)] == sorted(
         ["tiny-scratch-s1", "tiny-reward-s1"] + [u.name for u in mppi_units])
 
+    # stage 5's data, one DAgger round: the pi data, then the episodes a committed student plays with its own
+    # sampled policy prior (seed 2), in that order; a student that is not there stops it before any episode
+    from tdmpc_jax.data import Dataset
+    monkeypatch.setitem(study.DATA, "dagger", {**study.DATA["dagger"], "actor": "tiny-reward-s1", "episodes": 1})
+    with pytest.raises(ValueError, match="nope-s1.tiny-reward-s1: the student that acts"):
+        study.ensure_data(out, teacher, SCFG, data="dagger", students=str(tmp_path / "nope-s1"))
+    assert not os.path.exists(os.path.join(out, "data-dagger"))
+    dds = study.ensure_data(out, teacher, SCFG, data="dagger", students=os.path.join(dest, "students"))
+    assert dds.num_episodes == 2 * len(TASKS) and json.load(open(os.path.join(out, "data-dagger", "DONE")))["returns"]
+    n = ds.num_steps
+    for k in ("obs", "reward", "task"):
+        assert np.array_equal(np.asarray(dds.arrays[k][:n]), np.asarray(ds.arrays[k]), equal_nan=True), k
+    own = Dataset(os.path.join(out, "data-dagger.added"))
+    assert np.array_equal(np.asarray(dds.arrays["obs"][n:]), np.asarray(own.arrays["obs"]))
+    assert not np.array_equal(np.asarray(own.arrays["obs"][1:50]), np.asarray(ds.arrays["obs"][1:50]))
+    monkeypatch.setitem(study.DATA, "more", {**study.DATA["more"], "episodes": 1})
+    more = study.ensure_data(out, teacher, SCFG, data="more")  # its control: the teacher acts (seed 2)
+    assert more.num_episodes == dds.num_episodes and np.array_equal(np.asarray(more.arrays["obs"][:n]),
+                                                                   np.asarray(ds.arrays["obs"]))
+    added = np.asarray(more.arrays["obs"][n:])
+    assert not np.array_equal(added, np.asarray(own.arrays["obs"])) and not np.array_equal(added[:50], ds.arrays["obs"][:50])
+    for d, data in (("dagger", dds), ("more", more)):
+        study.run_unit(out, study.Unit("tiny", "reward", 1, d), teacher, data, SCFG, REPO, log=lambda m: None)
+    s5 = study.report(out, str(tmp_path / "results5"), teacher_mppi, None, teacher.num_params()["learnable"])
+    assert {"tiny/reward@dagger > reward", "tiny/reward@dagger > reward@more", "tiny/reward@more > reward"} <= \
+        set(s5["improvement"])
+
 
 def test_diagnosis_measures_on_aligned_transitions(teacher, tmp_path):
     """The fit is measured at (obs_t, action_t, reward_t) of one transition (an off-by-one would pair an
@@ -142,6 +173,18 @@ def test_diagnosis_measures_on_aligned_transitions(teacher, tmp_path):
     assert all(v["pi_mse_teacher"] == 0.0 and v["reward_mae"] >= 0 for v in fits["teacher"].values())
     summ = diagnosis.summarize_fit(fits)
     assert summ["same"]["tasks_reward_mae_below_teacher"] == 0 and summ["same"]["tasks"] == len(TASKS)
+    # where an agent acts: its own policy-prior episodes (the study's protocol: eval mode), the teacher's heads
+    # measured on the same states; an agent identical to the teacher plays the teacher's episodes
+    from tdmpc_jax.evaluation import evaluate
+    from tdmpc_jax.planner import PlannerConfig
+    own = diagnosis.own_states({"same": teacher}, teacher, TASKS, episodes=1, per_task=16)
+    assert own["same"] == own["teacher"] and own["same"]["agent"] == own["same"]["teacher"]
+    ev = evaluate(teacher, TASKS, 1, 0, PlannerConfig(mpc=False), eval_mode=True, progress=False)
+    assert own["same"]["returns"] == pytest.approx({t: ev["tasks"][t]["mean"] for t in TASKS})
+    assert all(v["pi_mse_teacher"] == 0.0 for v in own["same"]["agent"].values())
+    summ_own = diagnosis.summarize_own_states(own, {**fits, "same": fits["teacher"]})
+    assert summ_own["same"]["pi_mse_teacher_own"] == 0.0 and summ_own["same"]["tasks"] == len(TASKS)
+    assert summ_own["same"]["reward_mae_own"] == summ_own["same"]["teacher_reward_mae_own"]
     ref = {"tasks": {"a": {"mean": 100.0}, "b": {"mean": 300.0}, "c": {"mean": 600.0}}}
     cov = diagnosis.coverage({"a": 50.0, "b": 100.0, "c": 200.0}, ref, {"x": np.array([[1.0, 2.0, 4.0], [3.0, 4.0, 8.0]])},
                              ["a", "b", "c"])
@@ -228,7 +271,13 @@ def test_stages_and_bad_flags():
     s4 = study.stage_units(4)
     assert len(s4) == 8 and {(u.size, u.data) for u in s4} == {(study.MAIN_SIZE, "mppi")}
     assert {u.arm for u in s4} == {"scratch", "reward", "plan", "plan+action"} and s4[0].name == "0.23M-scratch-mppi-s1"
-    for u in s1 + s2 + s4:  # unit names parse back to their units
+    s5 = study.stage_units(5)
+    assert {u.size for u in s5} == {study.MAIN_SIZE}
+    assert {u.data for u in s5} == {"dagger", "more"} and len(s5) == 2 * 2 * len(study.DAGGER_ARMS)
+    assert s5[2].name == "0.23M-reward+policy-dagger-s1" and study.DATA["dagger"]["actor"] in \
+        {u.name for u in s1}  # the acting student is one the report commits
+    assert study.DATA["more"]["actor"] == "teacher" and study.DATA["more"]["episodes"] == study.DATA["dagger"]["episodes"]
+    for u in s1 + s2 + s4 + s5:  # unit names parse back to their units
         assert study.parse_unit_name(u.name) == u
     for bad in ("0.23M-plan-s", "0.23M-plan-gpu-s1", "0.5M-plan-s1", "0.23M-nope-s1"):
         with pytest.raises(ValueError, match="is not a unit name"):
