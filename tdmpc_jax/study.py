@@ -502,7 +502,9 @@ def report(out: str, dest: str, teacher_mppi: dict, teacher_pi: Optional[dict], 
     labels = [a if d == "pi" else f"{a}@{d}" for d in DATA for a in ARMS]  # the pi data's arms, then the others'
     main = {a: mppi_scores[f"{MAIN_SIZE}/{a}"] for a in labels if f"{MAIN_SIZE}/{a}" in mppi_scores}
     if main:
-        plots.study_per_task(main, tasks, {t: teacher_mppi["tasks"][t]["mean"] / 10 for t in tasks},
+        # per task: the main comparison's arms and the arms on other data (every arm: arms_<size>.png)
+        per_task = {a: v for a, v in main.items() if a in STUDENT_ARMS or "@" in a}
+        plots.study_per_task(per_task, tasks, {t: teacher_mppi["tasks"][t]["mean"] / 10 for t in tasks},
                              os.path.join(dest, f"per_task_{MAIN_SIZE}.png"), f"MT30 per task, {MAIN_SIZE} students (MPPI)",
                              palette)
         plots.study_ablation(summary, [f"{MAIN_SIZE}/{a}" for a in main], os.path.join(dest, f"arms_{MAIN_SIZE}.png"),
