@@ -79,12 +79,8 @@ DATA: Dict[str, dict] = {
     # terms label every state of a batch with the teacher's heads (README "Why not 60%"). "more" is its
     # control: as many more episodes, from the teacher's own sampled policy prior (seed 2)
     "dagger": {"dir": "data-dagger", "mpc": False, "with": "pi", "actor": "0.23M-best-s1", "episodes": 10,
-               "control": "more",
-               "acting": "the pi data + 10 episodes per task of the student 0.23M-best-s1's sampled policy prior "
-                         "(eval_mode=False, seed 2)"},
-    "more": {"dir": "data-more", "mpc": False, "with": "pi", "actor": "teacher", "episodes": 10,
-             "acting": "the pi data + 10 more episodes per task of the teacher's sampled policy prior "
-                       "(eval_mode=False, seed 2)"},
+               "control": "more"},
+    "more": {"dir": "data-more", "mpc": False, "with": "pi", "actor": "teacher", "episodes": 10},
 }
 
 
@@ -217,14 +213,17 @@ def ensure_data(out: str, teacher, scfg: StudyConfig, seed: int = 1, data: str =
                       PlannerConfig(mpc=False), seed + 1, eval_mode=False, progress=True, overwrite=True)
         ds = merge_datasets(path, [base, own], overwrite=True)
         returns = own.meta_returns
+        who = "the teacher" if spec["actor"] == "teacher" else f"the student {spec['actor']}"
+        acting = (f"the {spec['with']} data + {spec['episodes']} episodes per task of {who}'s sampled policy prior "
+                  f"(eval_mode=False, seed {seed + 1})")
     else:
         # teacher MPPI on a CPU (~11 h for 600 episodes): in resumable groups, kept in <dir>.partial
         resume = path + ".partial" if spec["mpc"] and jax.default_backend() == "cpu" else None
         ds = collect(teacher, study_tasks(teacher, scfg), scfg.collect_episodes, path, PlannerConfig(mpc=spec["mpc"]),
                      seed, eval_mode=False, progress=True, overwrite=True, resume_dir=resume, group=CPU_GROUP)
-        returns = ds.meta_returns
+        returns, acting = ds.meta_returns, spec["acting"]
     atomic.write_file(os.path.join(path, "DONE"), json.dumps(
-        {"episodes_per_task": spec.get("episodes", scfg.collect_episodes), "acting": spec["acting"],
+        {"episodes_per_task": spec.get("episodes", scfg.collect_episodes), "acting": acting,
          "returns": returns, "wall_s": time.perf_counter() - t0}, indent=1))
     return Dataset(path)
 

@@ -136,7 +136,9 @@ def test_units_resume_and_report(tiny, teacher, tmp_path, monkeypatch):
         study.ensure_data(out, teacher, SCFG, data="dagger", students=str(tmp_path / "nope-s1"))
     assert not os.path.exists(os.path.join(out, "data-dagger"))
     dds = study.ensure_data(out, teacher, SCFG, data="dagger", students=os.path.join(dest, "students"))
-    assert dds.num_episodes == 2 * len(TASKS) and json.load(open(os.path.join(out, "data-dagger", "DONE")))["returns"]
+    done5 = json.load(open(os.path.join(out, "data-dagger", "DONE")))
+    assert dds.num_episodes == 2 * len(TASKS) and done5["returns"] and "1 episodes per task of the student tiny-reward-s1" \
+        in done5["acting"]
     n = ds.num_steps
     for k in ("obs", "reward", "task"):
         assert np.array_equal(np.asarray(dds.arrays[k][:n]), np.asarray(ds.arrays[k]), equal_nan=True), k
