@@ -36,7 +36,8 @@ distill:
 	$(BIN)/python experiments/pipeline.py $(DISTILL_FLAGS)
 
 # the MT30 distillation study (resumable: rerun to continue; STAGE=2 for sizes/control/ablation, STAGE=3 for
-# make distill's planner-objective recipe, STAGE=4 on the teacher's MPPI data, STAGE=5 on one DAgger round)
+# make distill's planner-objective recipe, STAGE=4 on the teacher's MPPI data, STAGE=5 on one DAgger round,
+# STAGE=6 on a second)
 STAGE ?= 1
 # units side by side (JOBS processes) and updates per jitted call (BLOCK): for a GPU machine, e.g. JOBS=4 BLOCK=50
 JOBS ?= 1

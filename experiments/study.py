@@ -5,6 +5,7 @@
   python experiments/study.py --stage=3                 # make distill's planner-objective recipe, 3 seeds
   python experiments/study.py --stage=4 --jobs=4 --block=50     # the main size on teacher-MPPI data (a GPU machine)
   python experiments/study.py --stage=5                 # the main size on one DAgger round (a student's own states)
+  python experiments/study.py --stage=6                 # a second DAgger round (round 1's best student acts)
   python experiments/study.py --report                  # tables + figures from the finished units
   python experiments/study.py --stage=1 --only=0.23M-best-s1   # one unit (e.g. on a GPU machine)
   python experiments/study.py --stage=2 --jobs=4 --block=50     # 4 units side by side (a GPU machine)
@@ -33,7 +34,8 @@ flags.DEFINE_integer("stage", 1, "1: main comparison; 2: sizes, control, ablatio
                      "(collected first: ~5 min on one H100, ~11 h on one CPU core, where it resumes group by group); 5: the "
                      "main size on one DAgger round: the stage-1 data plus the states a committed distilled "
                      "student reaches with its own policy prior (--results/students), labelled by the teacher "
-                     "through the distillation terms")
+                     "through the distillation terms; 6: a second DAgger round: round 1's data plus the states "
+                     "that round 1's best student reaches")
 flags.DEFINE_list("only", [], "run only these units (names as in runs/, e.g. 0.23M-best-s1)")
 cli.block_flag()
 flags.DEFINE_bool("report", False, "rebuild the tables and figures from finished units (those under --output and "
@@ -57,15 +59,15 @@ flags.DEFINE_integer("eval_workers", -1, "environment worker processes per evalu
 cli.existing_path("teacher", "teacher_mppi")
 cli.positive_int("jobs")
 cli.positive_int("steps", "batch_size", "collect_episodes", "mppi_episodes", "pi_episodes")
-cli.int_range("stage", lo=1, hi=5)
+cli.int_range("stage", lo=1, hi=6)
 cli.int_range("eval_workers", lo=-1, hi=256)
 cli.output("output", "study")
 cli.output("results", "study-results")
 
 
 def _check_only(v):
-    from tdmpc_jax.study import stage_units
-    names = [u.name for u in stage_units(v["stage"])] if v["stage"] in (1, 2, 3, 4, 5) else []
+    from tdmpc_jax.study import STAGES, stage_units
+    names = [u.name for u in stage_units(v["stage"])] if 1 <= v["stage"] <= STAGES else []
     bad = [n for n in v["only"] or [] if n not in names]
     if bad:
         raise ValueError(f"--only={','.join(v['only'])}: {bad[0]!r} is not a stage-{v['stage']} unit "

@@ -25,12 +25,16 @@ def _colors(n: int):
 
 def arm_palette(arms: Sequence[str], variants: Sequence[str] = ()) -> Dict[str, tuple]:
     """One color per arm, in the given order, for every figure of a study; `<arm>@<variant>` (the same arm
-    on other data) gets a darker shade of its arm's color."""
+    on other data) gets a shade of its arm's color, one per variant: darker (the first variant), lighter,
+    darker still, lighter still, ..."""
     import matplotlib.colors as mcolors
     base = dict(zip(arms, (mcolors.to_rgb(c) for c in _colors(len(arms)))))
     out = dict(base)
-    for v in variants:
-        out.update({f"{a}@{v}": tuple(0.55 * x for x in c) for a, c in base.items()})
+    for i, v in enumerate(variants):
+        k = i // 2
+        shade = ((lambda x, f=0.55 - 0.15 * min(k, 2): f * x) if i % 2 == 0 else
+                 (lambda x, f=0.45 + 0.2 * min(k, 2): x + (1 - x) * f))
+        out.update({f"{a}@{v}": tuple(shade(x) for x in c) for a, c in base.items()})
     return out
 
 

@@ -68,6 +68,7 @@ STUDENT_ARMS = MAIN_ARMS + ("plan",)  # the main size's students committed as ch
 MPPI_DATA_ARMS = ("scratch", "reward", "plan", "plan+action")
 DAGGER_ARMS = ("scratch", "reward+policy", "plan")
 DAGGER_DATA = ("dagger", "more")
+DAGGER2_ARMS = ("reward+policy",)
 
 # The study's datasets, each collected once by the teacher, `collect_episodes` per task, seed 1. "pi" is
 # the data of stages 1-3; "mppi" (stage 4) holds the teacher's planning: README "Why not 60%".
@@ -75,12 +76,16 @@ DATA: Dict[str, dict] = {
     "pi": {"dir": "data", "mpc": False, "acting": "teacher policy prior, sampled (eval_mode=False)"},
     "mppi": {"dir": "data-mppi", "mpc": True, "acting": "teacher MPPI, official planner settings (eval_mode=False)"},
     # stage 5, one DAgger round: the "pi" data plus the states a distilled student reaches with its own sampled
-    # policy prior (a committed student of the main comparison, `episodes` per task, seed 2); the distillation
-    # terms label every state of a batch with the teacher's heads (README "Why not 60%"). "more" is its
-    # control: as many more episodes, from the teacher's own sampled policy prior (seed 2)
-    "dagger": {"dir": "data-dagger", "mpc": False, "with": "pi", "actor": "0.23M-best-s1", "episodes": 10,
+    # policy prior (a committed student of the main comparison, `episodes` per task, collection seed `seed`); the
+    # distillation terms label every state of a batch with the teacher's heads (README "Why not 60%"). "more" is
+    # its control: as many more episodes, from the teacher's own sampled policy prior
+    "dagger": {"dir": "data-dagger", "mpc": False, "with": "pi", "actor": "0.23M-best-s1", "episodes": 10, "seed": 2,
                "control": "more"},
-    "more": {"dir": "data-more", "mpc": False, "with": "pi", "actor": "teacher", "episodes": 10},
+    "more": {"dir": "data-more", "mpc": False, "with": "pi", "actor": "teacher", "episodes": 10, "seed": 2},
+    # stage 6, the second DAgger round: round 1's data plus the states that round 1's best student (by MPPI)
+    # reaches with its own sampled policy prior; the report compares each arm on it with the same arm on round 1
+    "dagger2": {"dir": "data-dagger2", "mpc": False, "with": "dagger", "actor": "0.23M-reward+policy-dagger-s1",
+                "episodes": 10, "seed": 3},
 }
 
 
@@ -140,6 +145,9 @@ def parse_unit_name(name: str) -> Unit:
     return Unit(size, arm, int(seed), data or "pi")
 
 
+STAGES = 6
+
+
 def stage_units(stage: int) -> List[Unit]:
     """Stage 1: the main size, scratch vs reward vs best, 3 seeds (seed-major: a first answer early).
     Stage 2: the other sizes and the 1.4M control (SIZE_ARMS, 2 seeds), the ablation at the main size
@@ -147,7 +155,8 @@ def stage_units(stage: int) -> List[Unit]:
     Stage 3: `make distill`'s planner-objective recipe ("plan") at the main size, 3 seeds.
     Stage 4: the main size on the teacher's MPPI data (DATA["mppi"]), MPPI_DATA_ARMS, 2 seeds.
     Stage 5: the main size on one DAgger round (DATA["dagger"]) and on its control (DATA["more"]: as much more
-    data from the teacher), DAGGER_ARMS, 2 seeds."""
+    data from the teacher), DAGGER_ARMS, 2 seeds.
+    Stage 6: the main size on a second DAgger round (DATA["dagger2"]), DAGGER2_ARMS, 2 seeds."""
     if stage == 1:
         return [Unit(MAIN_SIZE, a, s) for s in (1, 2, 3) for a in MAIN_ARMS]
     if stage == 2:
@@ -160,7 +169,9 @@ def stage_units(stage: int) -> List[Unit]:
         return [Unit(MAIN_SIZE, a, s, "mppi") for s in (1, 2) for a in MPPI_DATA_ARMS]
     if stage == 5:
         return [Unit(MAIN_SIZE, a, s, d) for s in (1, 2) for a in DAGGER_ARMS for d in DAGGER_DATA]
-    raise ValueError(f"stage must be 1-5, got {stage}")
+    if stage == 6:
+        return [Unit(MAIN_SIZE, a, s, "dagger2") for s in (1, 2) for a in DAGGER2_ARMS]
+    raise ValueError(f"stage must be 1-{STAGES}, got {stage}")
 
 
 def git_commit(repo: str) -> str:
@@ -187,9 +198,10 @@ CPU_GROUP = 16  # MPPI episodes per resumable group on a CPU (evaluation: ~1/6 o
 
 def ensure_data(out: str, teacher, scfg: StudyConfig, seed: int = 1, data: str = "pi", students: str = ""):
     """A study dataset (DATA[data]) with a done marker: collect_episodes per task, acting with the teacher's
-    sampled policy prior ("pi") or its MPPI planner at the official settings ("mppi"); or ("dagger", "more")
-    the dataset DATA[data]["with"] plus the episodes that DATA[data]["actor"] (the teacher, or a committed
-    student: `students`/<name>, the report's students directory) plays with its sampled policy prior."""
+    sampled policy prior ("pi") or its MPPI planner at the official settings ("mppi"); or ("dagger", "more",
+    "dagger2") the dataset DATA[data]["with"] (itself made first where it is not there) plus the episodes that
+    DATA[data]["actor"] (the teacher, or a committed student: `students`/<name>, the report's students
+    directory) plays with its sampled policy prior, collection seed DATA[data]["seed"]."""
     from tdmpc_jax.data import Dataset, merge_datasets
     from tdmpc_jax.data.collect import collect
     from tdmpc_jax.planner import PlannerConfig
@@ -208,14 +220,14 @@ def ensure_data(out: str, teacher, scfg: StudyConfig, seed: int = 1, data: str =
                 raise ValueError(f"{src}: the student that acts for the {data!r} data is not there (the report of "
                                  f"stage 1 commits it)")
             actor = tdmpc_jax.load_checkpoint(src)
-        base = ensure_data(out, teacher, scfg, seed, spec["with"])
+        base = ensure_data(out, teacher, scfg, seed, spec["with"], students)
         own = collect(actor, study_tasks(teacher, scfg), spec["episodes"], path + ".added",
-                      PlannerConfig(mpc=False), seed + 1, eval_mode=False, progress=True, overwrite=True)
+                      PlannerConfig(mpc=False), spec["seed"], eval_mode=False, progress=True, overwrite=True)
         ds = merge_datasets(path, [base, own], overwrite=True)
         returns = own.meta_returns
         who = "the teacher" if spec["actor"] == "teacher" else f"the student {spec['actor']}"
         acting = (f"the {spec['with']} data + {spec['episodes']} episodes per task of {who}'s sampled policy prior "
-                  f"(eval_mode=False, seed {seed + 1})")
+                  f"(eval_mode=False, seed {spec['seed']})")
     else:
         # teacher MPPI on a CPU (~11 h for 600 episodes): in resumable groups, kept in <dir>.partial
         resume = path + ".partial" if spec["mpc"] and jax.default_backend() == "cpu" else None
@@ -483,10 +495,11 @@ def report(out: str, dest: str, teacher_mppi: dict, teacher_pi: Optional[dict], 
                                 "uses_teacher": recs[0]["uses_teacher"]}
     for z, a in groups:
         arm, _, data = a.partition("@")
-        # against scratch on the same data; a group on other data also against its arm on the "pi" data and,
-        # where that data has a control (DATA[...]["control"]), against its arm on the control data
+        # against scratch on the same data; a group on other data also against its arm on the "pi" data, on the
+        # data it adds to (DATA[...]["with"]) and, where that data has a control (DATA[...]["control"]), on that
+        spec = DATA[data] if data else {}
         bases = ([f"scratch@{data}" if data else "scratch"] if arm != "scratch" else []) + ([arm] if data else [])
-        bases += [f"{arm}@{DATA[data]['control']}"] if data and "control" in DATA[data] else []
+        bases += [f"{arm}@{spec[k]}" for k in ("with", "control") if spec.get(k, "pi") != "pi"]
         for b in bases:
             if f"{z}/{b}" in mppi_scores:
                 x, y = f"{z}/{a}", f"{z}/{b}"

@@ -27,13 +27,20 @@ def test_compare_runs_with_many_runs_and_given_colors(tmp_path):
     assert not (tmp_path / "c.png").exists()
 
 
-def test_arm_palette_is_one_color_per_arm_and_darker_on_other_data():
+def test_arm_palette_is_one_color_per_arm_and_a_shade_of_it_per_data():
     pal = plots.arm_palette(("scratch", "reward", "plan"), ["mppi"])
     assert set(pal) == {"scratch", "reward", "plan", "scratch@mppi", "reward@mppi", "plan@mppi"}
     assert len({mcolors.to_hex(c) for c in pal.values()}) == 6
     assert mcolors.to_hex(pal["scratch"]) == mcolors.to_hex("C0")  # the headline arm keeps matplotlib's first color
     for a in ("scratch", "reward", "plan"):
         assert sum(pal[f"{a}@mppi"]) < sum(pal[a])
+    variants = ["mppi", "dagger", "more", "dagger2", "x5"]
+    pal = plots.arm_palette(("scratch", "reward"), variants)
+    assert len({mcolors.to_hex(c) for c in pal.values()}) == 2 * 6  # every arm on every data: its own color
+    for a in ("scratch", "reward"):
+        hsv = mcolors.rgb_to_hsv(pal[a])
+        for v in variants:  # a shade of the arm's hue
+            assert abs(mcolors.rgb_to_hsv(pal[f"{a}@{v}"])[0] - hsv[0]) < 0.02, (a, v)
 
 
 def _group(arm, mean, seeds):

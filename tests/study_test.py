@@ -1,6 +1,7 @@
 """The distillation study's units: resumable, skip finished parts, and a report rebuilt from them."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -157,6 +158,25 @@ def test_units_resume_and_report(tiny, teacher, tmp_path, monkeypatch):
     assert {"tiny/reward@dagger > reward", "tiny/reward@dagger > reward@more", "tiny/reward@more > reward"} <= \
         set(s5["improvement"])
 
+    # stage 6's, a second round: round 1's data (made first where it is not there, its student looked up in the
+    # same students directory) plus the episodes of a round-1 student, collection seed 3
+    students5 = str(tmp_path / "results5" / "students")
+    monkeypatch.setitem(study.DATA, "dagger2", {**study.DATA["dagger2"], "actor": "tiny-reward-dagger-s1", "episodes": 1})
+    out2 = str(tmp_path / "study2")
+    shutil.copytree(os.path.join(out, "data"), os.path.join(out2, "data"))
+    d2 = study.ensure_data(out2, teacher, SCFG, data="dagger2", students=students5)
+    assert os.path.exists(os.path.join(out2, "data-dagger", "DONE")) and d2.num_episodes == 3 * len(TASKS)
+    round1 = Dataset(os.path.join(out2, "data-dagger"))
+    assert np.array_equal(np.asarray(round1.arrays["obs"]), np.asarray(dds.arrays["obs"]))  # the same round 1
+    assert np.array_equal(np.asarray(d2.arrays["obs"][:dds.num_steps]), np.asarray(dds.arrays["obs"]))
+    assert "student tiny-reward-dagger-s1's sampled policy prior (eval_mode=False, seed 3)" in \
+        json.load(open(os.path.join(out2, "data-dagger2", "DONE")))["acting"]
+    study.run_unit(out2, study.Unit("tiny", "reward", 1, "dagger2"), teacher, d2, SCFG, REPO, log=lambda m: None)
+    for d in ("dagger", "more"):
+        shutil.copytree(os.path.join(out, "runs", f"tiny-reward-{d}-s1"), os.path.join(out2, "runs", f"tiny-reward-{d}-s1"))
+    s6 = study.report(out2, str(tmp_path / "results6"), teacher_mppi, None, teacher.num_params()["learnable"])
+    assert {"tiny/reward@dagger2 > reward@dagger"} <= set(s6["improvement"])
+
 
 def test_diagnosis_measures_on_aligned_transitions(teacher, tmp_path):
     """The fit is measured at (obs_t, action_t, reward_t) of one transition (an off-by-one would pair an
@@ -279,7 +299,13 @@ def test_stages_and_bad_flags():
     assert s5[2].name == "0.23M-reward+policy-dagger-s1" and study.DATA["dagger"]["actor"] in \
         {u.name for u in s1}  # the acting student is one the report commits
     assert study.DATA["more"]["actor"] == "teacher" and study.DATA["more"]["episodes"] == study.DATA["dagger"]["episodes"]
-    for u in s1 + s2 + s4 + s5:  # unit names parse back to their units
+    s6 = study.stage_units(6)  # the second DAgger round: round 1's data plus the states of its best student
+    assert {(u.size, u.data) for u in s6} == {(study.MAIN_SIZE, "dagger2")} and len(s6) == 2 * len(study.DAGGER2_ARMS)
+    assert study.DATA["dagger2"]["with"] == "dagger" and study.DATA["dagger2"]["actor"] in {u.name for u in s5}
+    assert len({study.DATA[d]["seed"] for d in ("dagger", "dagger2")}) == 2  # other episodes' initial states
+    with pytest.raises(ValueError, match=f"stage must be 1-{study.STAGES}"):
+        study.stage_units(study.STAGES + 1)
+    for u in s1 + s2 + s4 + s5 + s6:  # unit names parse back to their units
         assert study.parse_unit_name(u.name) == u
     for bad in ("0.23M-plan-s", "0.23M-plan-gpu-s1", "0.5M-plan-s1", "0.23M-nope-s1"):
         with pytest.raises(ValueError, match="is not a unit name"):
