@@ -32,8 +32,8 @@ def arm_palette(arms: Sequence[str], variants: Sequence[str] = ()) -> Dict[str, 
     out = dict(base)
     for i, v in enumerate(variants):
         k = i // 2
-        shade = ((lambda x, f=0.55 - 0.15 * min(k, 2): f * x) if i % 2 == 0 else
-                 (lambda x, f=0.45 + 0.2 * min(k, 2): x + (1 - x) * f))
+        shade = ((lambda x, f=(0.55, 0.3, 0.15)[min(k, 2)]: f * x) if i % 2 == 0 else
+                 (lambda x, f=(0.4, 0.75, 0.9)[min(k, 2)]: x + (1 - x) * f))
         out.update({f"{a}@{v}": tuple(shade(x) for x in c) for a, c in base.items()})
     return out
 
