@@ -59,10 +59,14 @@ flags.DEFINE_integer("eval_workers", -1, "environment worker processes per evalu
 cli.existing_path("teacher", "teacher_mppi")
 cli.positive_int("jobs")
 cli.positive_int("steps", "batch_size", "collect_episodes", "mppi_episodes", "pi_episodes")
-cli.int_range("stage", lo=1, hi=6)
 cli.int_range("eval_workers", lo=-1, hi=256)
 cli.output("output", "study")
 cli.output("results", "study-results")
+
+
+def _check_stage(v):
+    from tdmpc_jax.study import STAGES  # the stages' one place
+    cli.int_range_check(v, lo=1, hi=STAGES)
 
 
 def _check_only(v):
@@ -80,6 +84,7 @@ def _check_only_names(v):
         parse_unit_name(n)
 
 
+cli.rule("stage", _check_stage)
 cli.rule("only", _check_only_names)
 cli.check(("only", "stage"), _check_only)
 

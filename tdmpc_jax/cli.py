@@ -83,11 +83,14 @@ def non_negative_int(*names):
     _each(names, check)
 
 
+def int_range_check(v, lo=None, hi=None):
+    """ValueError unless v (None passes) is in [lo, hi]: for a rule whose bounds are known only when it runs."""
+    if v is not None and ((lo is not None and v < lo) or (hi is not None and v > hi)):
+        raise ValueError(f"must be in [{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]")
+
+
 def int_range(*names, lo=None, hi=None):
-    def check(v):
-        if v is not None and ((lo is not None and v < lo) or (hi is not None and v > hi)):
-            raise ValueError(f"must be in [{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]")
-    _each(names, check)
+    _each(names, lambda v: int_range_check(v, lo, hi))
 
 
 def seed(*names):
