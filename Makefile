@@ -15,7 +15,7 @@ DISTILL_FLAGS = $(if $(TEACHER),--teacher=$(TEACHER)) $(if $(DATA),--data=$(DATA
 	$(if $(SIZE),--student_size=$(SIZE)) $(if $(STEPS),--steps=$(STEPS)) \
 	$(if $(EPISODES),--episodes=$(EPISODES)) $(if $(OUT),--output=$(OUT))
 
-.PHONY: install test distill study study-report study-diagnose bench clean
+.PHONY: install test distill study study-report study-diagnose study-novelty bench clean
 
 install: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
@@ -52,6 +52,10 @@ study-report:
 # what limits the students: data coverage, reward and policy fit on the study's dataset (docs/results/study/diagnosis.*)
 study-diagnose:
 	$(BIN)/python experiments/study.py --diagnose
+
+# how new the DAgger rounds' states are to the data they join (docs/results/study/novelty.*; seconds)
+study-novelty:
+	$(BIN)/python experiments/study.py --novelty
 
 # train_step.py prints the update's ms, XLA FLOPs, the same-run matmul peak and both roofline multiples
 # (one core; a GPU line, `GPU: pending` without one) with the plain update as same-run baseline.

@@ -43,6 +43,8 @@ flags.DEFINE_bool("report", False, "rebuild the tables and figures from finished
 flags.DEFINE_bool("diagnose", False, "measure what limits the students (data coverage; reward and policy fit of "
                   "the teacher and of the main size's students on the study's dataset) into --results/diagnosis.*, "
                   "then exit")
+flags.DEFINE_bool("novelty", False, "measure how new the states of each added dataset (stages 5-6: DAgger rounds "
+                  "and their control) are to the data they join, into --results/novelty.{json,md,png}, then exit")
 flags.DEFINE_bool("prepare", False, "only collect the datasets the units need and evaluate the teacher's policy "
                   "prior, then exit (--jobs runs this first, in its own process)")
 flags.DEFINE_bool("redo_committed", False, "run units again whose results are committed under --results/runs "
@@ -98,6 +100,13 @@ def main(argv):
     units = study.stage_units(FLAGS.stage)
     if FLAGS.only:
         units = [u for u in units if u.name in FLAGS.only]
+    if FLAGS.novelty:
+        from tdmpc_jax.results_io import claim_output
+        study.novelty_datasets(out)  # nothing to measure: the error before --results is touched
+        claim_output(FLAGS.results, "study-results", FLAGS.overwrite)
+        study.data_novelty(out, FLAGS.results)
+        print(open(os.path.join(FLAGS.results, "novelty.md")).read())
+        return
     if not FLAGS.report and not FLAGS.diagnose and not FLAGS.redo_committed:
         # units whose results are committed (--results/runs/<unit>.json, e.g. run on another machine or
         # before this clone) are finished: the report reads them from there

@@ -12,7 +12,10 @@ Three questions the MT30 study's scores alone cannot answer, each measured, not 
     sits at the bounds (`fit`);
   * the same where each agent acts (`own_states`): imitation learned on the teacher's states can fail on
     the states the student's own policy reaches (compounding errors, the covariate shift that DAgger
-    corrects); its reward head can be right on the data and wrong where it plans.
+    corrects); its reward head can be right on the data and wrong where it plans;
+  * how new the states of an added dataset (a DAgger round's episodes) are to the data they join
+    (`novelty`: the distance of each added state to its nearest state of the same task in the base data,
+    in observation space standardized per task with one scale for every comparison, `task_scales`).
 Everything is computed on slices drawn from a dataset with a fixed seed, so agents are compared on the
 same states (`own_states`: each agent's own episodes, the teacher's heads measured on them too).
 """
@@ -154,4 +157,63 @@ def summarize_fit(fits: dict) -> Dict[str, dict]:
                      "pi_mse_data": float(np.mean([v["pi_mse_data"] for v in rows.values()])),
                      "pi_saturated": float(np.mean([v["pi_saturated"] for v in rows.values()])),
                      "tasks": len(rows), "tasks_with_r2": len(r2)}
+    return out
+
+
+def _task_obs(dataset, task: str) -> np.ndarray:
+    """Every observation of `task` in the dataset (float32, (n, obs_dim)); empty when it lacks the task."""
+    if task not in dataset.tasks:
+        return np.zeros((0, dataset.obs_dim), np.float32)
+    rows = np.nonzero(np.asarray(dataset.arrays["task"]) == dataset.tasks.index(task))[0]
+    return np.asarray(dataset.arrays["obs"][rows], np.float32)
+
+
+def present_tasks(dataset) -> list:
+    """The tasks that have episodes in the dataset (its meta lists every task of its task set), in its order."""
+    ids = set(np.unique(np.asarray(dataset.arrays["task"])).tolist())
+    return [t for i, t in enumerate(dataset.tasks) if i in ids]
+
+
+def task_scales(datasets: Sequence, tasks: Sequence[str]) -> Dict[str, tuple]:
+    """Per task, (mean, std) of every observation dim over the union of `datasets` (disjoint sets, e.g. a
+    base dataset and each added round): one scale for every comparison `novelty` makes. Dims that never
+    vary there (padding, constants) get std 0 and are left out of the distances."""
+    out = {}
+    for t in tasks:
+        x = np.concatenate([_task_obs(d, t) for d in datasets])
+        if not len(x):
+            raise ValueError(f"task {t!r}: in none of the datasets")
+        out[t] = (x.mean(0), x.std(0))
+    return out
+
+
+def nearest_distance(queries: np.ndarray, base: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """Euclidean distance from each query row to its nearest base row (exact, in chunks of queries)."""
+    q, b = np.asarray(queries, np.float64), np.asarray(base, np.float64)
+    bb = (b * b).sum(1)
+    out = []
+    for i in range(0, len(q), chunk):
+        x = q[i:i + chunk]
+        d2 = (x * x).sum(1)[:, None] + bb[None] - 2.0 * x @ b.T
+        out.append(np.sqrt(np.maximum(d2.min(1), 0.0)))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def novelty(base, added, scales: Dict[str, tuple], per_task: int = 1024, seed: int = 0) -> Dict[str, float]:
+    """Per task (those of `scales`), the median distance from `per_task` states of the added dataset (drawn
+    with a seed that depends on the seed and the task only, so the same added states meet every base) to
+    their nearest state of the same task in the base dataset, in the standardized observation space of
+    `scales` (`task_scales`). 0: every added state is already in the base; fresh episodes of the policy
+    that collected the base give the scale of "nothing new"."""
+    out = {}
+    for i, t in enumerate(scales):
+        mean, std = scales[t]
+        keep = std > 1e-6
+        z = lambda x: (x[:, keep] - mean[keep]) / std[keep]
+        a, b = _task_obs(added, t), _task_obs(base, t)
+        if not len(a) or not len(b):
+            raise ValueError(f"task {t!r}: missing from the {'added' if not len(a) else 'base'} dataset")
+        rng = np.random.default_rng([seed, i])
+        q = a[rng.choice(len(a), min(per_task, len(a)), replace=False)]
+        out[t] = float(np.median(nearest_distance(z(q), z(b))))
     return out

@@ -14,6 +14,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, out_png: str):
+    """Write the figure (its directory made first) and free it."""
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
 def _colors(n: int):
     """n distinct colors: matplotlib's default cycle up to 10, tab20 up to 20, then a continuous map."""
     plt = _plt()
@@ -70,9 +77,7 @@ def compare_runs(runs: Dict[str, dict], out_png: str, title: str = "MT30 evaluat
     ax2.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
     ax2.set_title("normalized score (95% CI)")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out_png)
     return out_png
 
 
@@ -88,8 +93,7 @@ def learning_curve(steps: Sequence[int], series: Dict[str, Sequence[float]], out
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out_png)
     return out_png
 
 
@@ -124,9 +128,7 @@ def study_scaling(summary: dict, out_png: str, colors: Dict[str, str] | None = N
         ax.legend(fontsize=8)
     fig.suptitle("Distilling the released TD-MPC-Opt 1M agent: score vs size (95% stratified-bootstrap CIs)")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out_png)
 
 
 def study_per_task(scores: Dict[str, np.ndarray], tasks: Sequence[str], teacher: Dict[str, float], out_png: str,
@@ -153,9 +155,7 @@ def study_per_task(scores: Dict[str, np.ndarray], tasks: Sequence[str], teacher:
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out_png)
 
 
 def study_coverage(cov: dict, arms: Sequence[str], out_png: str, title: str, colors: Dict[str, str] | None = None):
@@ -187,9 +187,7 @@ def study_coverage(cov: dict, arms: Sequence[str], out_png: str, title: str, col
     ax.legend(fontsize=7.5, loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out_png)
 
 
 def study_ablation(summary: dict, groups: Sequence[str], out_png: str, title: str, colors: Dict[str, str] | None = None):
@@ -227,6 +225,34 @@ def study_ablation(summary: dict, groups: Sequence[str], out_png: str, title: st
         axes[0].legend(fontsize=8, loc="lower right")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out_png)
+
+
+def study_novelty(res: dict, pairs: Sequence[str], out_png: str, title: str):
+    """Per task (top to bottom in the given order), one marker per (added set | base) pair of
+    `study.data_novelty`'s result: the median distance of the added states to their nearest base state.
+    The pairs whose added set is the teacher's own policy are hollow: the base's "nothing new" level."""
+    plt = _plt()
+    tasks = res["tasks"]
+    fig, ax = plt.subplots(figsize=(8.5, max(5.0, 0.26 * len(tasks) + 1.5) + 0.18 * len(pairs)))
+    y = np.arange(len(tasks))[::-1].astype(float)
+    markers = "osD^v<>"
+    for i, (k, c) in enumerate(zip(pairs, _colors(len(pairs)))):
+        v = res["pairs"][k]
+        x = [v["tasks"][t] for t in tasks]
+        off = ((len(pairs) - 1) / 2 - i) * 0.12
+        hollow = v["actor"] == "teacher"
+        ax.scatter(x, y + off, s=26, marker=markers[i % len(markers)], facecolors="none" if hollow else c,
+                   edgecolors=c, label=f"{v['added']} ({v['actor']}) vs {v['base']} ({v['base_transitions']:,}): "
+                                       f"median {v['median']:.2f}")
+    ax.set_yticks(y)
+    ax.set_yticklabels(tasks, fontsize=8)
+    ax.set_ylim(-0.6, len(tasks) - 0.4)
+    ax.set_xlabel("median distance of added states to the nearest base state (standardized observations)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    h = fig.get_figheight()
+    below = (0.15 * len(pairs) + 0.2) / h  # the legend under the axes: it hides no task
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=7.5, loc="lower center", ncol=1, frameon=False)
+    fig.tight_layout(rect=(0, below, 1, 1))
+    _save(plt, fig, out_png)

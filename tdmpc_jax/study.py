@@ -565,6 +565,77 @@ def diagnose(out: str, dest: str, teacher, teacher_mppi: dict, per_task: int = 5
     return res
 
 
+
+def holds(data: str, part: str) -> bool:
+    """Whether DATA[data]'s dataset holds DATA[part]'s episodes (it is `part`, or built on it via "with")."""
+    while data:
+        if data == part:
+            return True
+        data = DATA[data].get("with", "")
+    return False
+
+
+def novelty_datasets(out: str):
+    """(every finished dataset, every finished added set: DATA key -> Dataset) of the study directory; an
+    error when there is no added set (what `data_novelty` measures), checked before anything is written."""
+    from tdmpc_jax.data import Dataset
+    full = {k: Dataset(os.path.join(out, v["dir"])) for k, v in DATA.items()
+            if _done(os.path.join(out, v["dir"], "DONE")) is not None}
+    added = {k: Dataset(os.path.join(out, DATA[k]["dir"] + ".added")) for k in full if "with" in DATA[k]}
+    if not added:
+        raise ValueError(f"{out}: no finished added dataset (stages 5 and 6 make them)")
+    return full, added
+
+
+def data_novelty(out: str, dest: str, per_task: int = 1024, seed: int = 0) -> dict:
+    """How new each added dataset's states are (`diagnosis.novelty`), written to dest/novelty.{json,md,png}:
+    every finished added set (DATA entries with "with": its <dir>.added episodes) against every finished
+    dataset that does not already hold it. Scales: per task, over the collected-whole datasets and every
+    added set. An added set of the teacher's own policy ("more") against a base gives that base's
+    "nothing new" level."""
+    from tdmpc_jax import diagnosis, plots
+    full, added = novelty_datasets(out)
+    sets = [d for k, d in full.items() if "with" not in DATA[k]] + list(added.values())
+    have = [set(diagnosis.present_tasks(d)) for d in sets]
+    tasks = [t for t in sets[0].tasks if all(t in h for h in have)]
+    scales = diagnosis.task_scales(sets, tasks)
+    pairs = {}
+    for a, ads in added.items():
+        for b, base in full.items():
+            if not holds(b, a):
+                per = diagnosis.novelty(base, ads, scales, per_task, seed)
+                pairs[f"{a}|{b}"] = {"added": a, "actor": DATA[a]["actor"], "base": b,
+                                     "base_transitions": int(base.num_steps),
+                                     "median": float(np.median(list(per.values()))),
+                                     "mean": float(np.mean(list(per.values()))), "tasks": per}
+    res = {"per_task": per_task, "seed": seed, "tasks": tasks, "pairs": pairs,
+           "measure": "per task, the median distance of added states to their nearest state of the same task in "
+                      "the base data (observations standardized per task over every dataset); median over tasks"}
+    os.makedirs(dest, exist_ok=True)
+    atomic.write_file(os.path.join(dest, "novelty.json"), json.dumps(res, indent=1))
+    atomic.write_file(os.path.join(dest, "novelty.md"), _novelty_markdown(res))
+    shown = [k for k, v in pairs.items() if any(DATA[x].get("with") == v["base"] for x in added)]
+    plots.study_novelty(res, shown, os.path.join(dest, "novelty.png"),
+                        "MT30 per task: how far added states lie from the data they join")
+    return res
+
+
+def _novelty_markdown(res: dict) -> str:
+    pairs = res["pairs"]
+    lines = [f"Novelty of added data: {res['measure']} ({res['per_task']} added states per task).", "",
+             "| added set (actor) | base (transitions) | median over tasks | mean | the teacher's fresh episodes against "
+             "the same base |", "|---|---|---|---|---|"]
+    for k, v in pairs.items():
+        ref = next((r for r in pairs.values() if r["base"] == v["base"] and r["actor"] == "teacher"), None)
+        rel = "" if ref is None or ref is v else f"{v['median'] / max(ref['median'], 1e-12):.1f}x ({ref['median']:.3f})"
+        lines.append(f"| {v['added']} ({v['actor']}) | {v['base']} ({v['base_transitions']:,}) | {v['median']:.3f} | "
+                     f"{v['mean']:.3f} | {rel} |")
+    keys = list(pairs)
+    lines += ["", "| task | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for t in res["tasks"]:
+        lines.append(f"| {t} | " + " | ".join(f"{pairs[k]['tasks'][t]:.3f}" for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
 def _per_arm(per_agent: Dict[str, dict]) -> Dict[str, dict]:
     """Per-agent summaries (student names as in runs/, and "teacher") as per-arm means over seeds, with
     the number of runs."""

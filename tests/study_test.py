@@ -177,6 +177,19 @@ def test_units_resume_and_report(tiny, teacher, tmp_path, monkeypatch):
     s6 = study.report(out2, str(tmp_path / "results6"), teacher_mppi, None, teacher.num_params()["learnable"])
     assert {"tiny/reward@dagger2 > reward@dagger"} <= set(s6["improvement"])
 
+    # how new each added set's states are: every added set against every dataset that does not hold it
+    nov = study.data_novelty(out, str(tmp_path / "novelty"), per_task=16)
+    assert set(nov["pairs"]) == {"dagger|pi", "dagger|more", "dagger|mppi", "more|pi", "more|dagger", "more|mppi"}
+    assert nov["pairs"]["more|pi"]["actor"] == "teacher" and sorted(nov["tasks"]) == sorted(TASKS)
+    nov2 = study.data_novelty(out2, str(tmp_path / "novelty2"), per_task=16)
+    assert set(nov2["pairs"]) == {"dagger|pi", "dagger2|pi", "dagger2|dagger"}
+    assert nov2["pairs"]["dagger|pi"]["tasks"] != nov2["pairs"]["dagger2|pi"]["tasks"]
+    for f in ("novelty.json", "novelty.md", "novelty.png"):
+        assert os.path.getsize(os.path.join(tmp_path, "novelty2", f)) > 0, f
+    with pytest.raises(ValueError, match="no finished added dataset"):
+        study.data_novelty(str(tmp_path / "fresh"), str(tmp_path / "novelty3"))
+    assert study.holds("dagger2", "pi") and study.holds("dagger2", "dagger") and not study.holds("dagger", "more")
+
 
 def test_diagnosis_measures_on_aligned_transitions(teacher, tmp_path):
     """The fit is measured at (obs_t, action_t, reward_t) of one transition (an off-by-one would pair an
@@ -212,6 +225,36 @@ def test_diagnosis_measures_on_aligned_transitions(teacher, tmp_path):
                              ["a", "b", "c"])
     assert cov["arms"]["x"]["of_data"] == pytest.approx((20 + 30 + 60) / 350) and cov["data_of_teacher"] == pytest.approx(0.35)
     assert cov["arms"]["x"]["spearman_data"] == pytest.approx(1.0) and cov["tasks"]["c"]["x"] == pytest.approx(60.0)
+
+
+def _grid_dataset(path, values, tasks=TASKS):
+    """A dataset whose every task holds one episode with observations (v, 7) for v in `values`."""
+    from tdmpc_jax.data import DatasetWriter
+    w = DatasetWriter(path, obs_dim=2, action_dim=1, tasks=list(tasks))
+    for i in range(len(tasks)):
+        obs = np.stack([np.asarray(values, np.float32), np.full(len(values), 7.0, np.float32)], 1)
+        w.add_episode(obs, np.zeros((len(values), 1)), np.zeros(len(values)), i)
+    return w.close()
+
+
+def test_novelty_is_the_distance_to_the_nearest_base_state(tmp_path):
+    """Exact nearest distances (as scipy's cdist); added states already in the base are 0 away; states
+    between the base's grid points lie half a step away, in units of the scale's std; constant dims count
+    for nothing."""
+    from scipy.spatial.distance import cdist
+    from tdmpc_jax import diagnosis
+    rng = np.random.default_rng(0)
+    q, b = rng.normal(size=(300, 5)), rng.normal(size=(700, 5))
+    assert np.allclose(diagnosis.nearest_distance(q, b, chunk=64), cdist(q, b).min(1), atol=1e-9)
+    base = _grid_dataset(str(tmp_path / "base"), np.arange(10.0))
+    between = _grid_dataset(str(tmp_path / "between"), np.arange(9.0) + 0.5)
+    scales = diagnosis.task_scales([base], TASKS)
+    assert scales[TASKS[0]][1][1] == 0.0  # the constant dim
+    assert diagnosis.novelty(base, base, scales, per_task=8) == {t: 0.0 for t in TASKS}
+    got = diagnosis.novelty(base, between, scales, per_task=8)
+    assert got == pytest.approx({t: 0.5 / np.std(np.arange(10.0)) for t in TASKS})
+    with pytest.raises(ValueError, match="missing from the base"):
+        diagnosis.novelty(_grid_dataset(str(tmp_path / "one"), np.arange(3.0), TASKS[:1]), between, scales)
 
 
 def test_units_with_committed_results_are_not_redone(tmp_path):
@@ -320,6 +363,16 @@ def test_stages_and_bad_flags():
     assert r.returncode != 0
     lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
     assert lines[-1].startswith("error:") and "bogus-unit" in lines[-1]
+
+
+def test_novelty_without_added_data_is_one_error_line_and_writes_nothing(tmp_path):
+    res = tmp_path / "results"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "study.py"), "--novelty",
+                        f"--output={tmp_path}", f"--results={res}"], capture_output=True, text=True, timeout=300,
+                       cwd=REPO, env={**os.environ, "MUJOCO_GL": "disable"})
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert r.returncode == 1 and lines == [f"error: {tmp_path}: no finished added dataset (stages 5 and 6 make them)"]
+    assert not res.exists()
 
 
 def test_run_parallel_stopped_by_sigterm_stops_its_commands(tmp_path):
