@@ -565,7 +565,6 @@ def diagnose(out: str, dest: str, teacher, teacher_mppi: dict, per_task: int = 5
     return res
 
 
-
 def holds(data: str, part: str) -> bool:
     """Whether DATA[data]'s dataset holds DATA[part]'s episodes (it is `part`, or built on it via "with")."""
     while data:
