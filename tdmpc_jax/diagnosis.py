@@ -187,16 +187,10 @@ def task_scales(datasets: Sequence, tasks: Sequence[str]) -> Dict[str, tuple]:
     return out
 
 
-def nearest_distance(queries: np.ndarray, base: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """Euclidean distance from each query row to its nearest base row (exact, in chunks of queries)."""
-    q, b = np.asarray(queries, np.float64), np.asarray(base, np.float64)
-    bb = (b * b).sum(1)
-    out = []
-    for i in range(0, len(q), chunk):
-        x = q[i:i + chunk]
-        d2 = (x * x).sum(1)[:, None] + bb[None] - 2.0 * x @ b.T
-        out.append(np.sqrt(np.maximum(d2.min(1), 0.0)))
-    return np.concatenate(out) if out else np.zeros(0)
+def nearest_distance(queries: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """Euclidean distance from each query row to its nearest base row (exact: scipy's k-d tree)."""
+    from scipy.spatial import cKDTree
+    return cKDTree(np.asarray(base, np.float64)).query(np.asarray(queries, np.float64))[0]
 
 
 def novelty(base, added, scales: Dict[str, tuple], per_task: int = 1024, seed: int = 0) -> Dict[str, float]:
