@@ -41,6 +41,16 @@ SIZES: Dict[str, str] = {
 }
 MAIN_SIZE = "0.23M"
 
+
+def dims_label(size: str) -> str:
+    """'enc,mlp,latent' of a study size for tables; an official size also says which it is."""
+    from tdmpc_jax.config import MODEL_SIZES
+    spec = SIZES[size]
+    if "," in spec:
+        return spec
+    layout = MODEL_SIZES[int(spec)]
+    return f"{layout.enc_dim},{layout.mlp_dim},{layout.latent_dim} (official size {spec})"
+
 # Arms: TrainConfig distillation coefficients (all other settings official).
 ARMS: Dict[str, Dict[str, float]] = {
     "scratch": {},
@@ -489,7 +499,7 @@ def report(out: str, dest: str, teacher_mppi: dict, teacher_pi: Optional[dict], 
     for (z, a), v in sorted(groups.items(), key=lambda kv: (SIZES_ORDER(kv[0][0]), kv[0][1])):
         k = f"{z}/{a}"
         recs = [g[1] for g in v]
-        summary["groups"][k] = {"size": z, "arm": a, "dims": SIZES[z], "learnable_params": recs[0]["learnable_params"],
+        summary["groups"][k] = {"size": z, "arm": a, "dims": dims_label(z), "learnable_params": recs[0]["learnable_params"],
                                 "seeds": sorted(g[0].seed for g in v), "mppi": agg_mppi[k], "pi": agg_pi[k],
                                 "train_s_per_update": _per_device([r for r in recs]),
                                 "uses_teacher": recs[0]["uses_teacher"]}

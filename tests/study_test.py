@@ -398,3 +398,13 @@ def test_run_parallel_stopped_by_sigterm_stops_its_commands(tmp_path):
         for _ in range(100):
             os.kill(child, 0)
             time.sleep(0.05)
+
+
+def test_dims_label_names_the_architecture_a_unit_trains():
+    """The report's dims column: a student's own 'enc,mlp,latent', and the official size's dims (not '1')."""
+    from tdmpc_jax.config import student_config
+    for size in study.SIZES:
+        cfg = student_config(study.SIZES[size], task_set="mt30")
+        label = study.dims_label(size)
+        assert label.split(" ")[0] == f"{cfg.enc_dim},{cfg.mlp_dim},{cfg.latent_dim}", (size, label)
+    assert study.dims_label("1.4M") == "256,384,128 (official size 1)"
