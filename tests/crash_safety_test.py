@@ -47,6 +47,26 @@ def kill_at(i, seen):
     return hook
 
 
+def kill_at_every_step(base, tmp_path, monkeypatch, run, check):
+    """For i = 0, 1, ...: copy the run directory `base`, kill `run(out)` at its i-th filesystem step, then
+    `check(out)` (resume and compare); stops at the first i that `run` survives. Returns (i, steps seen)."""
+    i = 0
+    while True:
+        out = tmp_path / f"k{i}"
+        shutil.copytree(base, out)
+        seen = []
+        monkeypatch.setattr(atomic, "_fault_hook", kill_at(i, seen))
+        try:
+            run(out)
+            return i, seen
+        except Killed:
+            pass
+        finally:
+            monkeypatch.setattr(atomic, "_fault_hook", None)
+        check(out)
+        i += 1
+
+
 def _leftovers(d):
     return sorted(n for n in os.listdir(d) if n.startswith(".tmp-") or n.endswith((".new", ".old")))
 
@@ -174,22 +194,12 @@ def _resume_offline(ds, out, full):
 def test_offline_kill_at_every_step_resumes_bit_identical(offline, tmp_path, monkeypatch):
     ds, full, base = offline
     monkeypatch.setattr("tdmpc_jax.plots.learning_curve", lambda *a, **k: None)
-    i = 0
-    while True:
-        out = tmp_path / f"k{i}"
-        shutil.copytree(base, out)
-        seen = []
-        monkeypatch.setattr(atomic, "_fault_hook", kill_at(i, seen))
-        try:
-            train_offline(CFG, TCFG, ds, str(out), RunConfig(steps=4, **RUN))
-            break
-        except Killed:
-            pass
-        finally:
-            monkeypatch.setattr(atomic, "_fault_hook", None)
+
+    def check(out):
         read_log(out / "metrics.jsonl")  # the log survives every kill, its rewrite included
         _resume_offline(ds, out, full)
-        i += 1
+    i, seen = kill_at_every_step(base, tmp_path, monkeypatch,
+                                 lambda out: train_offline(CFG, TCFG, ds, str(out), RunConfig(steps=4, **RUN)), check)
     # log rewrite (2 steps), checkpoint at step 4 (7), metrics.csv (2)
     assert i >= 11, seen
 
@@ -229,19 +239,8 @@ def test_online_kill_at_every_step_resumes_bit_identical(tmp_path, monkeypatch):
     base = tmp_path / "base"
     online.train_online(cfg, tcfg, ocfg(1), str(base))
     assert sorted(os.listdir(base / "checkpoint")) == ["buffer.npz", "counters.json", "train_state"]
-    i = 0
-    while True:
-        out = tmp_path / f"k{i}"
-        shutil.copytree(base, out)
-        seen = []
-        monkeypatch.setattr(atomic, "_fault_hook", kill_at(i, seen))
-        try:
-            online.train_online(cfg, tcfg, ocfg(2), str(out))
-            break
-        except Killed:
-            pass
-        finally:
-            monkeypatch.setattr(atomic, "_fault_hook", None)
+
+    def check(out):
         online.train_online(cfg, tcfg, ocfg(2), str(out))
         buf = ReplayBuffer(cfg.obs_dim, cfg.action_dim)
         state, counters = online.load_checkpoint(out, like, buf)
@@ -250,7 +249,8 @@ def test_online_kill_at_every_step_resumes_bit_identical(tmp_path, monkeypatch):
         _states_equal(full_buf.state_dict(), buf.state_dict())
         assert [r["episode"] for r in read_log(out / "metrics.jsonl")] == [1, 2]
         assert _leftovers(out) == []
-        i += 1
+    i, seen = kill_at_every_step(base, tmp_path, monkeypatch,
+                                 lambda out: online.train_online(cfg, tcfg, ocfg(2), str(out)), check)
     assert i >= 9, seen  # log rewrite (2 steps) and the checkpoint after episode 2 (7)
 
 
