@@ -102,7 +102,7 @@ def study_scaling(summary: dict, out_png: str, colors: Dict[str, str] | None = N
     the teacher as a horizontal line; the policy prior in a second panel. `colors`: arm -> color (the same
     arm in the same color in every study figure)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 4.8), sharex=True)
     arms = sorted({g["arm"] for g in summary["groups"].values()}, key=lambda a: (a != "scratch", a))
     colors = colors or arm_palette(arms)
     t = summary["teacher"]
@@ -116,8 +116,10 @@ def study_scaling(summary: dict, out_png: str, colors: Dict[str, str] | None = N
             hi = np.array([g[key]["mean_ci95"][1] for g in gs]) - m
             ax.errorbar(x, m, yerr=[lo, hi], marker="o", capsize=4, color=colors[arm], label=f"{arm} (seeds per size: {', '.join(str(len(g['seeds'])) for g in gs)})")
         if teacher_score is not None:
-            ax.axhline(teacher_score, color="k", ls="--", lw=1, label=f"teacher ({t['learnable_params'] / 1e6:.2f}M): {teacher_score:.1f}")
+            ax.axhline(teacher_score, color="k", ls="--", lw=1)
             ax.plot([t["learnable_params"]], [teacher_score], "k*", ms=12)
+            ax.text(5.5e4, teacher_score, f"teacher ({t['learnable_params'] / 1e6:.2f}M): {teacher_score:.1f}",
+                    va="bottom", fontsize=8)
         ax.set_xscale("log")
         ax.set_xlim(5e4, 3e6)
         ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], 1.1 * (teacher_score or 0)))
@@ -125,9 +127,10 @@ def study_scaling(summary: dict, out_png: str, colors: Dict[str, str] | None = N
         ax.set_ylabel("MT30 normalized score")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
     fig.suptitle("Distilling the released TD-MPC-Opt 1M agent: score vs size (95% stratified-bootstrap CIs)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.78, 1))  # one legend for both panels, right of them: it hides no point
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="center left", bbox_to_anchor=(0.785, 0.5),
+               frameon=False)
     _save(plt, fig, out_png)
 
 
