@@ -44,12 +44,12 @@ MAIN_SIZE = "0.23M"
 
 def dims_label(size: str) -> str:
     """'enc,mlp,latent' of a study size for tables; an official size also says which it is."""
-    from tdmpc_jax.config import MODEL_SIZES
-    spec = SIZES[size]
-    if "," in spec:
-        return spec
-    layout = MODEL_SIZES[int(spec)]
-    return f"{layout.enc_dim},{layout.mlp_dim},{layout.latent_dim} (official size {spec})"
+    from tdmpc_jax.config import MODEL_SIZES, parse_size_spec
+    parsed = parse_size_spec(SIZES[size])
+    if isinstance(parsed, tuple):
+        return ",".join(map(str, parsed))
+    layout = MODEL_SIZES[parsed]
+    return f"{layout.enc_dim},{layout.mlp_dim},{layout.latent_dim} (official size {parsed})"
 
 # Arms: TrainConfig distillation coefficients (all other settings official).
 ARMS: Dict[str, Dict[str, float]] = {
