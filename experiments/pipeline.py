@@ -25,7 +25,7 @@ flags.DEFINE_bool("collect_mpc", True, "collect with the teacher's MPPI (false: 
 flags.DEFINE_list("collect_random_actions", ["0", "0.1", "0.2", "0.4"],
                   "noise injection while the teacher collects: episode e of each task replaces each action with a "
                   "uniform random one with probability item[e % items] (the data then hold the states a perturbed "
-                  "agent visits and the teacher's recoveries; README \"Does distillation work?\"); empty: none")
+                  "agent visits and the teacher's recoveries; docs/distillation.md); empty: none")
 flags.DEFINE_string("student_size", "32,48,16", "student: official size or enc,mlp,latent dims")
 flags.DEFINE_integer("steps", 3000, "updates for each student")
 flags.DEFINE_integer("batch_size", 256, "batch size")
@@ -53,10 +53,10 @@ cli.finite_float("td_coef", lo=0)
 cli.int_range("onpolicy_rounds", lo=0, hi=10)
 cli.int_range("num_samples", lo=8)  # the evaluation keeps num_samples // 8 elites
 cli.size_spec("student_size")
-# both students are the mean of their weights after updates 2000, 2250, ..., 3000 (README: "Weight averaging")
+# both students are the mean of their weights after updates 2000, 2250, ..., 3000 (docs/distillation.md)
 cli.averaging_flags(last=1 / 3, snapshots=5)
 cli.block_flag()
-# the default recipe (README "Does distillation work?"): the paper's reward term, the teacher policy's mean
+# the default recipe (docs/distillation.md): the paper's reward term, the teacher policy's mean
 # as the policy's target, and what the planner scores along imagined MPPI-like action sequences
 DISTILL_FLAGS = cli.distill_flags(coef=0.4, policy_coef=1.0, plan_coef=1.0, plan_rank_coef=10.0)
 

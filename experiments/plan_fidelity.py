@@ -4,7 +4,7 @@ states and on the states the student's own MPPI visits (`tdmpc_jax.plan_fidelity
   python experiments/plan_fidelity.py --student=runs/distill/distilled/agent --data=runs/distill/data \
       --output=fidelity.json [--teacher=checkpoints/teacher-mt4 --tasks=pendulum-spin --states=150]
 A student that ranks like its teacher on the data but not where it plans suffers covariate shift: the
-teacher's labels are missing at the student's own states (README, "Does distillation work?").
+teacher's labels are missing at the student's own states (docs/distillation.md).
 """
 import os
 

@@ -9,7 +9,7 @@ Weight averaging (`RunConfig.average_from`, `average_window`; not in the officia
 with the last update's weights): the run's agent is the mean of the weights after a few evenly spaced
 late updates. The raw weights keep training (the train state holds them, and the sum of the snapshots
 so far for an exact resume). Why: make distill's student scored 52.7, 40.9 and 42.2 after updates
-2500, 2750 and 3000 of one run, and 54.0 as the mean of five snapshots (README "Does distillation work?").
+2500, 2750 and 3000 of one run, and 54.0 as the mean of five snapshots (docs/distillation.md, "Weight averaging").
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ action dims) and returns, per state, the Pearson correlation of the student's an
 and the regret of the student's choice, (max G_t - G_t[argmax G_s]) / std(G_t) (0: it picks what the teacher
 would; ~1: one teacher standard deviation worse). Measured on dataset states and on the states the
 student's own MPPI visits (`visited_states`), it separates "the student learnt the teacher's values" from
-"the student's values hold where its planner takes it" (covariate shift; README, "Does distillation work?").
+"the student's values hold where its planner takes it" (covariate shift; docs/distillation.md).
 
 G is `planner.estimate_value` with the policy mean at the horizon and the first two Q members: a
 deterministic version of what MPPI computes (MPPI draws the terminal policy noise and a random pair).

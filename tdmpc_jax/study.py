@@ -55,14 +55,14 @@ def dims_label(size: str) -> str:
 ARMS: Dict[str, Dict[str, float]] = {
     "scratch": {},
     "reward": {"distill_coef": 0.4},                                   # TD-MPC-Opt
-    # the best combination measured on `make distill` (README: rewards, Q and policy along the rollout)
+    # the best combination measured on `make distill` (docs/distillation.md: "Earlier recipes")
     "best": {"distill_coef": 0.4, "distill_model_coef": 1.0},
     "reward+policy": {"distill_coef": 0.4, "distill_policy_coef": 1.0},
     "reward+q": {"distill_coef": 0.4, "distill_q_coef": 0.1},
     "reward+kl": {"distill_coef": 0.4, "distill_reward_kl_coef": 0.4},
     "all": {"distill_coef": 0.4, "distill_policy_coef": 1.0, "distill_q_coef": 0.1, "distill_reward_kl_coef": 0.4,
             "distill_model_coef": 1.0},
-    # stage 3: `make distill`'s planner-objective recipe (README), the student's Q from the teacher (no TD)
+    # stage 3: `make distill`'s planner-objective recipe (docs/distillation.md); Q from the teacher, no TD
     "plan": {"distill_coef": 0.4, "distill_policy_coef": 1.0, "distill_plan_coef": 1.0, "distill_plan_rank_coef": 10.0,
              "value_coef": 0.0},
     # stage 4 (teacher-MPPI data): plan, with the policy also pulled toward the dataset's MPPI actions
@@ -81,14 +81,14 @@ DAGGER_DATA = ("dagger", "more")
 DAGGER2_ARMS = ("reward+policy",)
 
 # The study's datasets, each collected once by the teacher, `collect_episodes` per task, seed 1. "pi" is
-# the data of stages 1-3; "mppi" (stage 4) holds the teacher's planning: README "Why not 60%".
+# the data of stages 1-3; "mppi" (stage 4) holds the teacher's planning: docs/distillation.md "Why not 60%".
 DATA: Dict[str, dict] = {
     "pi": {"dir": "data", "mpc": False, "acting": "teacher policy prior, sampled (eval_mode=False)"},
     "mppi": {"dir": "data-mppi", "mpc": True, "acting": "teacher MPPI, official planner settings (eval_mode=False)"},
     # stage 5, one DAgger round: the "pi" data plus the states a distilled student reaches with its own sampled
     # policy prior (a committed student of the main comparison, `episodes` per task, collection seed `seed`); the
-    # distillation terms label every state of a batch with the teacher's heads (README "Why not 60%"). "more" is
-    # its control: as many more episodes, from the teacher's own sampled policy prior
+    # distillation terms label every state of a batch with the teacher's heads (docs/distillation.md "Why not
+    # 60%"). "more" is its control: as many more episodes, from the teacher's own sampled policy prior
     "dagger": {"dir": "data-dagger", "mpc": False, "with": "pi", "actor": "0.23M-best-s1", "episodes": 10, "seed": 2,
                "control": "more"},
     "more": {"dir": "data-more", "mpc": False, "with": "pi", "actor": "teacher", "episodes": 10, "seed": 2},
