@@ -60,6 +60,9 @@ ARMS: Dict[str, Dict[str, float]] = {
     "reward+policy": {"distill_coef": 0.4, "distill_policy_coef": 1.0},
     "reward+q": {"distill_coef": 0.4, "distill_q_coef": 0.1},
     "reward+kl": {"distill_coef": 0.4, "distill_reward_kl_coef": 0.4},
+    # the policy target also shapes the encoder (distill_terms.policy_representation): policy prior 10.2 / 11.9
+    # at seeds 1-2 against reward+policy's 8.9 / 9.0 (probe, experiments/distill.py, docs/distillation.md)
+    "reward+policy+repr": {"distill_coef": 0.4, "distill_policy_coef": 1.0, "distill_policy_repr_coef": 1.0},
     "all": {"distill_coef": 0.4, "distill_policy_coef": 1.0, "distill_q_coef": 0.1, "distill_reward_kl_coef": 0.4,
             "distill_model_coef": 1.0},
     # stage 3: `make distill`'s planner-objective recipe (docs/distillation.md); Q from the teacher, no TD
@@ -73,7 +76,7 @@ MAIN_ARMS = ("scratch", "reward", "best")
 # the other sizes: scratch, the paper's reward term, and the best combination measured at the main size
 # (stage 3's "plan": MPPI 8.7 vs best's 5.6 and scratch's 6.8 at 0.23M)
 SIZE_ARMS = ("scratch", "reward", "plan")
-ABLATION_ARMS = ("reward", "reward+policy", "reward+q", "reward+kl", "best", "all")
+ABLATION_ARMS = ("reward", "reward+policy", "reward+q", "reward+kl", "reward+policy+repr", "best", "all")
 STUDENT_ARMS = MAIN_ARMS + ("plan",)  # the main size's students committed as checkpoints by the report
 MPPI_DATA_ARMS = ("scratch", "reward", "plan", "plan+action")
 DAGGER_ARMS = ("scratch", "reward+policy", "plan")

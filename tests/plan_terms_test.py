@@ -77,3 +77,26 @@ def test_rank_is_zero_for_the_teacher_itself_and_trains_the_student_only():
         for part in ("dynamics", "reward_head", "qs"):  # the student's own rollout is trained
             assert max(float(jnp.abs(x).max()) for x in jax.tree_util.tree_leaves(gs[part])) > 0, part
         assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree_util.tree_leaves(gt))  # the teacher is not
+
+
+def test_policy_representation_trains_the_encoder_only():
+    """`policy_representation`: zero when the student is the teacher (it reads the teacher's own policy),
+    positive otherwise, and its gradient reaches the student's encoder (and the task embedding the encoder
+    reads) and nothing else: not pi_head, not the other heads, not the teacher."""
+    cfg = small_cfg()
+    tparams, _ = random_params(cfg, 1)
+    sparams, _ = random_params(cfg, 2)
+
+    def loss(sp, tp):
+        return distill_terms.policy_representation(_ctx(cfg, sp, cfg, tp))[0]
+
+    assert float(loss(tparams, tparams)) < 1e-10
+    assert float(loss(sparams, tparams)) > 1e-3
+    gs, gt = jax.jit(jax.grad(loss, argnums=(0, 1)))(sparams, tparams)  # params as jit arguments
+
+    def biggest(tree):
+        return max(float(jnp.abs(x).max()) for x in jax.tree_util.tree_leaves(tree))
+    assert biggest(gs["encoder"]) > 0
+    for part in ("pi_head", "dynamics", "reward_head", "qs"):
+        assert biggest(gs[part]) == 0, part
+    assert biggest(gt) == 0

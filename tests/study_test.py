@@ -331,7 +331,8 @@ def test_stages_and_bad_flags():
     s2 = study.stage_units(2)
     assert {u.size for u in s2} >= {"0.1M", "0.35M", "0.67M", "1.4M"}
     assert {u.arm for u in s2 if u.size == "1.4M"} == {"scratch", "reward", "plan"}
-    assert {u.arm for u in s2 if u.size == study.MAIN_SIZE} == {"reward+policy", "reward+q", "reward+kl", "all"}
+    assert {u.arm for u in s2 if u.size == study.MAIN_SIZE} == {"reward+policy", "reward+q", "reward+kl",
+                                                               "reward+policy+repr", "all"}
     assert [(u.arm, u.seed) for u in study.stage_units(3)] == [("plan", 1), ("plan", 2), ("plan", 3)]
     s4 = study.stage_units(4)
     assert len(s4) == 8 and {(u.size, u.data) for u in s4} == {(study.MAIN_SIZE, "mppi")}
