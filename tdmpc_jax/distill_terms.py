@@ -331,11 +331,11 @@ def plan_rank(ctx: Context) -> LossResult:
 def policy_representation(ctx: Context) -> LossResult:
     """The teacher policy's mean action at t=0 read from the student's latent by the student's frozen policy
     head: MSE(tanh(pi_mean(z0)), teacher's), differentiated into the encoder only (with the task embedding
-    it reads; pi_head, the rest of the student and the teacher get no gradient). The policy terms train pi_head on detached latents (as the
-    official policy loss does), so the student's latent holds what its reward, dynamics and Q need, not
-    necessarily what the teacher's policy reads; this term asks the encoder for that too. Measured at 0.23M
-    (docs/distillation.md, "Why not 60%"): it fits the teacher's policy closer (0.099 against 0.130) and
-    does not act better (policy prior 9.1 against 8.9)."""
+    it reads; pi_head, the rest of the student and the teacher get no gradient). The policy terms train
+    pi_head on detached latents (as the official policy loss does), so the student's latent holds what its
+    reward, dynamics and Q need, not necessarily what the teacher's policy reads; this term asks the encoder
+    for that too. Measured at 0.23M on top of reward + policy (docs/distillation.md, "Why not 60%"): the
+    policy prior rises (11.1 against 9.2), MPPI does not (5.3 against 4.7)."""
     sg = jax.lax.stop_gradient
     emb = None if ctx.emb is None else sg(ctx.emb)
     mean, _ = ctx.networks.pi_dist(ctx.cfg, sg(ctx.params), ctx.z0, emb, ctx.mask)

@@ -60,8 +60,8 @@ ARMS: Dict[str, Dict[str, float]] = {
     "reward+policy": {"distill_coef": 0.4, "distill_policy_coef": 1.0},
     "reward+q": {"distill_coef": 0.4, "distill_q_coef": 0.1},
     "reward+kl": {"distill_coef": 0.4, "distill_reward_kl_coef": 0.4},
-    # the policy target also shapes the encoder (distill_terms.policy_representation): policy prior 10.2 / 11.9
-    # at seeds 1-2 against reward+policy's 8.9 / 9.0 (probe, experiments/distill.py, docs/distillation.md)
+    # the policy target also shapes the encoder (distill_terms.policy_representation): policy prior 11.1 against
+    # reward+policy's 9.2, MPPI 5.3 against 4.7 (docs/distillation.md)
     "reward+policy+repr": {"distill_coef": 0.4, "distill_policy_coef": 1.0, "distill_policy_repr_coef": 1.0},
     "all": {"distill_coef": 0.4, "distill_policy_coef": 1.0, "distill_q_coef": 0.1, "distill_reward_kl_coef": 0.4,
             "distill_model_coef": 1.0},
