@@ -46,7 +46,7 @@ flags.DEFINE_bool("diagnose", False, "measure what limits the students (data cov
 flags.DEFINE_bool("novelty", False, "measure how new the states of each added dataset (stages 5-6: DAgger rounds "
                   "and their control) are to the data they join, into --results/novelty.{json,md,png}, then exit")
 flags.DEFINE_bool("prepare", False, "only collect the datasets the units need and evaluate the teacher's policy "
-                  "prior, then exit (--jobs runs this first, in its own process)")
+                  "prior (where --results holds no teacher_pi.json), then exit (--jobs runs this first, in its own process)")
 flags.DEFINE_bool("redo_committed", False, "run units again whose results are committed under --results/runs "
                   "(default: they count as finished)")
 flags.DEFINE_integer("steps", 10_000, "updates per student")
@@ -133,17 +133,17 @@ def main(argv):
         return
     if FLAGS.report:
         claim_output(FLAGS.results, "study-results", FLAGS.overwrite)
-        pi_path = os.path.join(out, "teacher", "eval_pi", "results.json")
-        teacher_pi = _read_json(pi_path) if os.path.exists(pi_path) else None
-        s = study.report(out, FLAGS.results, teacher_mppi, teacher_pi, teacher.num_params()["learnable"])
+        s = study.report(out, FLAGS.results, teacher_mppi, study.teacher_pi_evaluation(out, FLAGS.results),
+                         teacher.num_params()["learnable"])
         print(open(os.path.join(FLAGS.results, "summary.md")).read())
         return
     claim_output(out, "study", FLAGS.overwrite)
     # the datasets these units train on (each collected once; study.DATA)
     datasets = {d: study.ensure_data(out, teacher, scfg, data=d, students=os.path.join(FLAGS.results, "students"))
                 for d in sorted({u.data for u in units})}
-    study._evaluate_into(os.path.join(out, "teacher", "eval_pi"), teacher, study.study_tasks(teacher, scfg),
-                         scfg.pi_episodes, PlannerConfig(mpc=False), True)
+    if study.teacher_pi_evaluation(out, FLAGS.results) is None:  # the report's line (committed once it is made)
+        study._evaluate_into(os.path.join(out, "teacher", "eval_pi"), teacher, study.study_tasks(teacher, scfg),
+                             scfg.pi_episodes, PlannerConfig(mpc=False), True)
     if FLAGS.prepare:
         return
     t0 = time.perf_counter()

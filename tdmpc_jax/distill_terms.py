@@ -335,7 +335,7 @@ def policy_representation(ctx: Context) -> LossResult:
     pi_head on detached latents (as the official policy loss does), so the student's latent holds what its
     reward, dynamics and Q need, not necessarily what the teacher's policy reads; this term asks the encoder
     for that too. Measured at 0.23M on top of reward + policy (docs/distillation.md, "Why not 60%"): the
-    policy prior rises (11.1 against 9.2), MPPI does not (5.3 against 4.7)."""
+    policy prior rises (10.9 against 9.2, three seeds each), MPPI does not (5.2 against 4.7)."""
     sg = jax.lax.stop_gradient
     emb = None if ctx.emb is None else sg(ctx.emb)
     mean, _ = ctx.networks.pi_dist(ctx.cfg, sg(ctx.params), ctx.z0, emb, ctx.mask)

@@ -3,7 +3,8 @@
 Layout of a study directory (`experiments/study.py --output=DIR`):
   DIR/data/                 the teacher's dataset (collected once; DIR/data/DONE)
   DIR/data-mppi/            stage 4's: the teacher's MPPI episodes (`DATA`)
-  DIR/teacher/eval_pi/      the teacher's policy-prior evaluation (the MPPI line is the reference file)
+  DIR/teacher/eval_pi/      the teacher's policy-prior evaluation, made where the report's directory has none
+                            (`teacher_pi_evaluation`; the MPPI line is the reference file)
   DIR/runs/<size>-<arm>[-<data>]-s<seed>/
       unit.json             size, dims, arm, coefficients, seed, steps, batch, git commit
       train/                `offline.train_offline` (train_state, metrics, curve.png, agent/)
@@ -60,8 +61,8 @@ ARMS: Dict[str, Dict[str, float]] = {
     "reward+policy": {"distill_coef": 0.4, "distill_policy_coef": 1.0},
     "reward+q": {"distill_coef": 0.4, "distill_q_coef": 0.1},
     "reward+kl": {"distill_coef": 0.4, "distill_reward_kl_coef": 0.4},
-    # the policy target also shapes the encoder (distill_terms.policy_representation): policy prior 11.1 against
-    # reward+policy's 9.2, MPPI 5.3 against 4.7 (docs/distillation.md)
+    # the policy target also shapes the encoder (distill_terms.policy_representation): policy prior 10.9 against
+    # reward+policy's 9.2, MPPI 5.2 against 4.7 (docs/distillation.md)
     "reward+policy+repr": {"distill_coef": 0.4, "distill_policy_coef": 1.0, "distill_policy_repr_coef": 1.0},
     "all": {"distill_coef": 0.4, "distill_policy_coef": 1.0, "distill_q_coef": 0.1, "distill_reward_kl_coef": 0.4,
             "distill_model_coef": 1.0},
@@ -472,14 +473,32 @@ def probability_of_improvement(x: np.ndarray, y: np.ndarray, reps: int = 2000, s
     return {"p": float(np.ravel(point["p"])[0]), "ci95": [float(lo), float(hi)]}
 
 
+TEACHER_PI = "teacher_pi.json"  # in the report's directory: the teacher's policy-prior evaluation, committed once
+
+
+def teacher_pi_evaluation(out: str, dest: str) -> Optional[dict]:
+    """The teacher's policy-prior evaluation (results.json format) that the report draws its line from: the one
+    committed in `dest` (TEACHER_PI), else this study directory's (`out`/teacher/eval_pi, which `report` then
+    commits), else None. The committed one wins: the same evaluation on another machine differs by float
+    rounding (16.88 on one CPU, 17.00 on another), and a report must not change with the machine that rebuilds it."""
+    for path in (os.path.join(dest, TEACHER_PI), os.path.join(out, "teacher", "eval_pi", "results.json")):
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+    return None
+
+
 def report(out: str, dest: str, teacher_mppi: dict, teacher_pi: Optional[dict], teacher_params: int) -> dict:
-    """Rebuild summary.json, summary.md, per-run JSON and the figures in `dest` from finished units."""
+    """Rebuild summary.json, summary.md, per-run JSON and the figures in `dest` from finished units; commit
+    `teacher_pi` (`teacher_pi_evaluation`) as dest/TEACHER_PI where none is there yet."""
     from tdmpc_jax import plots
     units = finished_units(out, dest)
     if not units:
         raise ValueError(f"{out}: no finished study unit yet")
     tasks = [t for t in teacher_mppi["tasks"] if all(t in u[2]["tasks"] for u in units)]
     os.makedirs(os.path.join(dest, "runs"), exist_ok=True)
+    if teacher_pi is not None and not os.path.exists(os.path.join(dest, TEACHER_PI)):
+        atomic.write_file(os.path.join(dest, TEACHER_PI), json.dumps(teacher_pi, indent=1))
     groups: Dict[Tuple[str, str], list] = {}
     for u, rec, mppi, pi in units:
         groups.setdefault((u.size, u.group), []).append((u, rec, mppi, pi))

@@ -103,6 +103,26 @@ def test_units_resume_and_report(tiny, teacher, tmp_path, monkeypatch):
     with open(os.path.join(dest, "runs", "tiny-reward-s1.json"), "w") as f:
         json.dump(rec, f)
     assert study.report(out, dest, teacher_mppi, None, teacher.num_params()["learnable"]) == s
+
+    # the teacher's policy-prior line: this study directory's evaluation until a report commits it, then the
+    # committed one, whatever another machine's evaluation says
+    dest_pi = str(tmp_path / "results_pi")
+    assert study.teacher_pi_evaluation(out, dest_pi) is None
+    here = os.path.join(out, "teacher", "eval_pi", "results.json")
+    os.makedirs(os.path.dirname(here))
+    with open(here, "w") as f:
+        json.dump({"normalized_score": 17.0, "tasks": {}}, f)
+    s_pi = study.report(out, dest_pi, teacher_mppi, study.teacher_pi_evaluation(out, dest_pi),
+                        teacher.num_params()["learnable"])
+    assert s_pi["teacher"]["pi_normalized_score"] == 17.0
+    assert json.load(open(os.path.join(dest_pi, study.TEACHER_PI)))["normalized_score"] == 17.0
+    with open(here, "w") as f:
+        json.dump({"normalized_score": 16.9, "tasks": {}}, f)
+    assert study.teacher_pi_evaluation(out, dest_pi)["normalized_score"] == 17.0
+    assert study.teacher_pi_evaluation(out, dest)["normalized_score"] == 16.9  # nothing committed there
+    assert study.report(fresh, dest_pi, teacher_mppi, study.teacher_pi_evaluation(fresh, dest_pi),
+                        teacher.num_params()["learnable"]) == s_pi
+    os.remove(here)
     for bad in ("{not json", json.dumps({**rec, "unit": {**rec["unit"], "seed": 2}}), json.dumps({"unit": rec["unit"]})):
         with open(os.path.join(dest, "runs", "tiny-reward-s1.json"), "w") as f:
             f.write(bad)
