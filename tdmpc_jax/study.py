@@ -484,7 +484,14 @@ def teacher_pi_evaluation(out: str, dest: str) -> Optional[dict]:
     for path in (os.path.join(dest, TEACHER_PI), os.path.join(out, "teacher", "eval_pi", "results.json")):
         if os.path.exists(path):
             with open(path) as f:
-                return json.load(f)
+                try:
+                    rec = json.load(f)
+                except ValueError:
+                    rec = None
+            if not isinstance(rec, dict) or isinstance(rec.get("normalized_score"), bool) or \
+                    not isinstance(rec.get("normalized_score"), (int, float)):
+                raise ValueError(f"{path}: not an evaluation's results.json (no numeric normalized_score)")
+            return rec
     return None
 
 

@@ -122,6 +122,11 @@ def test_units_resume_and_report(tiny, teacher, tmp_path, monkeypatch):
     assert study.teacher_pi_evaluation(out, dest)["normalized_score"] == 16.9  # nothing committed there
     assert study.report(fresh, dest_pi, teacher_mppi, study.teacher_pi_evaluation(fresh, dest_pi),
                         teacher.num_params()["learnable"]) == s_pi
+    for bad in ("{not json", "[]", json.dumps({"normalized_score": "17"})):  # one error line, before any work
+        with open(os.path.join(dest_pi, study.TEACHER_PI), "w") as f:
+            f.write(bad)
+        with pytest.raises(ValueError, match="teacher_pi.json: not an evaluation's results.json"):
+            study.teacher_pi_evaluation(out, dest_pi)
     os.remove(here)
     for bad in ("{not json", json.dumps({**rec, "unit": {**rec["unit"], "seed": 2}}), json.dumps({"unit": rec["unit"]})):
         with open(os.path.join(dest, "runs", "tiny-reward-s1.json"), "w") as f:
