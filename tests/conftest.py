@@ -1,6 +1,8 @@
 """Test fixtures, all inside the repository: the released TD-MPC-Opt checkpoints (checkpoints/td-mpc-opt)
 and reference outputs of the official code (tests/data/reference)."""
+import gc
 import os
+import sys
 
 os.environ.setdefault("MUJOCO_GL", "disable")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # 2 CPU devices for data-parallel tests
@@ -17,6 +19,19 @@ INT8_CKPT = os.path.join(RELEASED, "mt30_1M_steps_045dist_int8.pt")
 MIXED_CKPT = os.path.join(RELEASED, "mt30_1M_steps_045dist_mixed.pt")
 MODEL_OUTPUTS = os.path.join(REFERENCE, "model_outputs_mt30_1M.json")
 ENV_REPLAY = os.path.join(REFERENCE, "env_replay_mt30.json")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """After each test file, drop JAX's compiled executables. XLA's CPU backend maps ~5 memory regions per
+    executable and keeps them while a jit cache holds it; a process that compiles its way through many files
+    reaches the kernel's vm.max_map_count (65530 here) and dies in backend_compile with a segmentation fault
+    (seen at 71% of the suite in one process, `TEST_WORKERS=0`). Fixtures keep their objects; only the
+    compiled code goes, and the next file compiles what it calls."""
+    yield
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
+        gc.collect()
 
 
 @pytest.fixture(scope="session")
