@@ -39,7 +39,9 @@ flags.DEFINE_integer("stage", 1, "1: main comparison; 2: sizes, control, ablatio
 flags.DEFINE_list("only", [], "run only these units (names as in runs/, e.g. 0.23M-best-s1)")
 cli.block_flag()
 flags.DEFINE_bool("report", False, "rebuild the tables and figures from finished units (those under --output and "
-                  "those whose per-run JSON is committed under --results/runs), then exit")
+                  "those whose per-run JSON is committed under --results/runs) and carry the units that are "
+                  "trained but not finished into --results/inflight/ (a later sitting, in a fresh clone too, "
+                  "evaluates on from there), then exit")
 flags.DEFINE_bool("diagnose", False, "measure what limits the students (data coverage; reward and policy fit of "
                   "the teacher and of the main size's students on the study's dataset) into --results/diagnosis.*, "
                   "then exit")
@@ -119,6 +121,11 @@ def main(argv):
         if not units:
             print("every unit asked for is finished; --report rebuilds the tables and figures", flush=True)
             return
+    if not FLAGS.report and not FLAGS.diagnose:  # units an earlier sitting carried: checked before any work
+        for u in units:
+            carried = os.path.join(FLAGS.results, study.INFLIGHT, u.name)
+            if os.path.isdir(carried):
+                study.check_carried(carried, u.name)
     if FLAGS.jobs > 1 and len(units) > 1 and not FLAGS.report and not FLAGS.diagnose and not FLAGS.prepare:
         return _run_jobs(study, units)
     teacher_mppi = _read_json(FLAGS.teacher_mppi)
@@ -149,7 +156,8 @@ def main(argv):
     t0 = time.perf_counter()
     for i, u in enumerate(units):
         rec = study.run_unit(out, u, teacher, datasets[u.data], scfg, REPO, log=lambda m: print(m, flush=True),
-                             eval_workers=FLAGS.eval_workers, block=FLAGS.block)
+                             eval_workers=FLAGS.eval_workers, block=FLAGS.block,
+                             carried=os.path.join(FLAGS.results, study.INFLIGHT))
         el = time.perf_counter() - t0
         print(f"== unit {i + 1}/{len(units)} {u.name}: MPPI {rec['mppi_normalized_score']:.1f}, policy prior "
               f"{rec['pi_normalized_score']:.1f} (this sitting {el / 60:.0f} min)", flush=True)

@@ -15,6 +15,9 @@ A unit skips every part that already exists (training resumes from its last chec
 study restarts where it stopped and finished units are never redone. `report` rebuilds every table and
 figure from the finished units only: those here and those known by the per-run JSON an earlier report
 committed (`committed_units`: a fresh clone continues the study without the earlier units' directories).
+A unit trained but not finished when a sitting ends travels the same way: the report copies its student,
+training log and finished evaluation groups to <results>/inflight/<unit>/ (`carry_unfinished`), and the
+next sitting, in a fresh clone, evaluates on from there (`restore_carried`) instead of training it again.
 `diagnose` measures what limits the students (`tdmpc_jax.diagnosis`).
 """
 from __future__ import annotations
@@ -280,11 +283,80 @@ def _evaluate_into(directory, agent, tasks, episodes, pcfg, eval_mode, seed=1, n
     return res
 
 
+# Units carried between sittings, under the report's directory (`carry_unfinished`, `restore_carried`): a unit
+# trained but not evaluated when a sitting ends, on a machine whose study directory does not survive it
+INFLIGHT = "inflight"
+# what a carried unit keeps: the trained student, its training log, the finished policy-prior evaluation and
+# the MPPI evaluation's finished groups (not a training state mid-run: its optimizer moments triple the bytes)
+CARRIED = ("unit.json", os.path.join("train", "metrics.jsonl"), os.path.join("train", "agent"), "eval_pi",
+           os.path.join("eval_mppi", "partial"))
+
+
+def check_carried(src: str, name: str) -> None:
+    """Check that `src` holds a carried unit named `name` (ValueError naming the file and the problem)."""
+    path = os.path.join(src, "unit.json")
+    rec = _done(path)
+    try:
+        if parse_unit_name(name) != Unit(**rec["unit"]):
+            raise ValueError(f"its unit is {Unit(**rec['unit']).name!r}, not {name!r}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a carried study unit ({type(e).__name__}: {e})") from None
+    if not os.path.exists(os.path.join(src, "train", "agent", "DONE")):
+        raise ValueError(f"{src}: a carried unit without its trained student (train/agent/DONE)")
+
+
+def carry_unfinished(out: str, dest: str, finished: Sequence[str] = ()) -> Dict[str, dict]:
+    """Copy every unit of out/runs that is trained but not finished into dest/INFLIGHT/<unit>/ (CARRIED: the
+    student, its training log, the finished evaluations and MPPI groups; each unit replaced whole), and drop
+    dest/INFLIGHT/<unit> of the units in `finished`. A later sitting in a fresh clone picks a carried unit up
+    where this one left it (`restore_carried`). -> {unit: {"pi": evaluated?, "mppi_groups": kept}} carried now."""
+    root, carried = os.path.join(dest, INFLIGHT), {}
+    runs = os.path.join(out, "runs")
+    for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+        d = os.path.join(runs, name)
+        if name in finished or _done(os.path.join(d, "DONE")) is not None or \
+                not os.path.exists(os.path.join(d, "train", "agent", "DONE")):
+            continue
+        # a policy-prior evaluation cut short resumes nothing: only a finished one travels
+        parts = [p for p in CARRIED if os.path.exists(os.path.join(d, p)) and
+                 (p != "eval_pi" or os.path.exists(os.path.join(d, p, "results.json")))]
+
+        def build(tmp, d=d, parts=parts):
+            for p in parts:
+                src, to = os.path.join(d, p), os.path.join(tmp, p)
+                os.makedirs(os.path.dirname(to), exist_ok=True)
+                (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, to)
+        atomic.replace_dir(os.path.join(root, name), build)
+        partial = os.path.join(d, "eval_mppi", "partial")
+        groups = [f for f in os.listdir(partial) if f.endswith(".json") and f != "spec.json"] \
+            if os.path.isdir(partial) else []
+        carried[name] = {"pi": "eval_pi" in parts, "mppi_groups": len(groups)}
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        if name in finished and os.path.isdir(os.path.join(root, name)):
+            shutil.rmtree(os.path.join(root, name))
+    return carried
+
+
+def restore_carried(out: str, unit: Unit, carried: Optional[str], log=print) -> bool:
+    """Where `carried` (a report's INFLIGHT directory) holds `unit` and out/runs/<unit> has no trained student,
+    make out/runs/<unit> the carried unit (replaced whole: a trained student supersedes an unfinished training
+    of the same unit); -> whether it did. The carried files are only read and copied."""
+    src = os.path.join(carried, unit.name) if carried else ""
+    d = os.path.join(out, "runs", unit.name)
+    if not src or not os.path.isdir(src) or os.path.exists(os.path.join(d, "train", "agent", "DONE")):
+        return False
+    check_carried(src, unit.name)
+    atomic.replace_dir(d, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
+    log(f"[{unit.name}] carried from an earlier sitting ({src}): trained, evaluation resumes")
+    return True
+
+
 def run_unit(out: str, unit: Unit, teacher, dataset, scfg: StudyConfig, repo: str, log=print,
-             eval_workers: int = 0, block: int = 1) -> dict:
+             eval_workers: int = 0, block: int = 1, carried: Optional[str] = None) -> dict:
     """Train and evaluate one unit, skipping what is already there; -> its DONE record. `eval_workers`
     environment processes step the evaluation episodes (same returns as in-process stepping); `block`
-    updates per jitted call (`offline.RunConfig.block`: the same run, fewer host round trips)."""
+    updates per jitted call (`offline.RunConfig.block`: the same run, fewer host round trips); `carried`: a
+    report's INFLIGHT directory, where an earlier sitting left the unit trained (`restore_carried`)."""
     from tdmpc_jax.config import student_config
     from tdmpc_jax.offline import RunConfig, train_offline
     from tdmpc_jax.planner import PlannerConfig
@@ -293,6 +365,7 @@ def run_unit(out: str, unit: Unit, teacher, dataset, scfg: StudyConfig, repo: st
     done = _done(os.path.join(d, "DONE"))
     if done is not None:
         return done
+    restore_carried(out, unit, carried, log)
     os.makedirs(d, exist_ok=True)
     cfg = student_config(SIZES[unit.size], teacher.config)
     coefs = ARMS[unit.arm]
@@ -302,6 +375,8 @@ def run_unit(out: str, unit: Unit, teacher, dataset, scfg: StudyConfig, repo: st
             "study": dataclasses.asdict(scfg)}
     if not os.path.exists(os.path.join(d, "unit.json")):
         atomic.write_file(os.path.join(d, "unit.json"), json.dumps(info, indent=1))
+    else:  # the commit the unit started at (an earlier sitting's, where it was carried)
+        info["git_commit"] = (_done(os.path.join(d, "unit.json")) or {}).get("git_commit", info["git_commit"])
     agent_dir = os.path.join(d, "train", "agent")
     t0 = time.perf_counter()
     if not os.path.exists(os.path.join(agent_dir, "DONE")):
@@ -497,7 +572,8 @@ def teacher_pi_evaluation(out: str, dest: str) -> Optional[dict]:
 
 def report(out: str, dest: str, teacher_mppi: dict, teacher_pi: Optional[dict], teacher_params: int) -> dict:
     """Rebuild summary.json, summary.md, per-run JSON and the figures in `dest` from finished units; commit
-    `teacher_pi` (`teacher_pi_evaluation`) as dest/TEACHER_PI where none is there yet."""
+    `teacher_pi` (`teacher_pi_evaluation`) as dest/TEACHER_PI where none is there yet; carry the units that are
+    trained but not finished into dest/INFLIGHT (`carry_unfinished`) and drop the finished ones from there."""
     from tdmpc_jax import plots
     units = finished_units(out, dest)
     if not units:
@@ -518,6 +594,9 @@ def report(out: str, dest: str, teacher_mppi: dict, teacher_pi: Optional[dict], 
             trained = os.path.join(out, "runs", u.name, "train", "agent")
             if not os.path.exists(os.path.join(target, "DONE")) and os.path.isdir(trained):
                 atomic.replace_dir(target, lambda tmp, src=trained: shutil.copytree(src, tmp, dirs_exist_ok=True))
+    for name, c in carry_unfinished(out, dest, finished=[u.name for u, *_ in units]).items():
+        print(f"[{name}] trained, not finished: carried to {os.path.join(dest, INFLIGHT, name)} (policy prior "
+              f"{'evaluated' if c['pi'] else 'to evaluate'}, {c['mppi_groups']} MPPI group(s) kept)", flush=True)
     mppi_scores = {f"{z}/{a}": score_matrix([g[2] for g in v], tasks) for (z, a), v in groups.items()}
     pi_scores = {f"{z}/{a}": score_matrix([g[3] for g in v], tasks) for (z, a), v in groups.items()}
     agg_mppi, agg_pi = aggregate(mppi_scores), aggregate(pi_scores)

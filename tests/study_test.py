@@ -58,6 +58,37 @@ def test_units_resume_and_report(tiny, teacher, tmp_path, monkeypatch):
     assert os.path.getmtime(metrics) == before
     assert again["mppi_normalized_score"] == pytest.approx(recs["reward"]["mppi_normalized_score"])
 
+    # a sitting ends with the unit trained, its policy prior evaluated and its MPPI evaluation's groups kept
+    # (not finished): the report's directory carries it, and a fresh study directory evaluates on from there
+    ended, carry_dest = str(tmp_path / "ended"), str(tmp_path / "carry")
+    shutil.copytree(out, ended)
+    for f in ("DONE", "eval_mppi/results.json"):
+        os.remove(os.path.join(ended, "runs", "tiny-reward-s1", f))
+    assert study.carry_unfinished(ended, carry_dest) == {"tiny-reward-s1": {"pi": True, "mppi_groups": 1}}
+    src = os.path.join(carry_dest, study.INFLIGHT, "tiny-reward-s1")
+    assert os.path.exists(os.path.join(src, "train", "agent", "DONE"))
+    assert not os.path.exists(os.path.join(src, "train", "train_state"))  # the student, not the optimizer
+    assert not os.path.exists(os.path.join(src, "DONE"))
+    inflight = os.path.join(carry_dest, study.INFLIGHT)
+    next_sitting = str(tmp_path / "next")
+    resumed = study.run_unit(next_sitting, study.Unit("tiny", "reward", 1), teacher, ds, SCFG, REPO, log=lambda m: None,
+                             carried=inflight)
+    d2 = os.path.join(next_sitting, "runs", "tiny-reward-s1")
+    assert not os.path.exists(os.path.join(d2, "train", "train_state"))  # not trained again
+    assert open(os.path.join(d2, "train", "metrics.jsonl")).read() == open(metrics).read()
+    for k in ("mppi_normalized_score", "pi_normalized_score", "train_s_per_update", "git_commit"):
+        assert resumed[k] == recs["reward"][k], k
+    # finished now: carrying again drops it from the report's directory
+    assert study.carry_unfinished(next_sitting, carry_dest, finished=["tiny-reward-s1"]) == {}
+    assert not os.path.exists(src)
+    # a carried directory that names another unit is refused before anything is copied
+    bad = os.path.join(inflight, "tiny-scratch-s1")
+    shutil.copytree(os.path.join(ended, "runs", "tiny-reward-s1"), bad)
+    with pytest.raises(ValueError, match="tiny-scratch-s1/unit.json: not a carried study unit"):
+        study.run_unit(str(tmp_path / "other"), study.Unit("tiny", "scratch", 1), teacher, ds, SCFG, REPO,
+                       log=lambda m: None, carried=inflight)
+    assert not os.path.exists(str(tmp_path / "other" / "runs" / "tiny-scratch-s1"))
+
     teacher_mppi = json.load(open(os.path.join(REPO, "tests", "data", "reference", "released_1M_mppi_mt30_10ep.json")))
     s = study.report(out, dest, teacher_mppi, None, teacher.num_params()["learnable"])
     assert set(s["groups"]) == {"tiny/scratch", "tiny/reward"}
@@ -399,6 +430,22 @@ def test_novelty_without_added_data_is_one_error_line_and_writes_nothing(tmp_pat
     lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
     assert r.returncode == 1 and lines == [f"error: {tmp_path}: no finished added dataset (stages 5 and 6 make them)"]
     assert not res.exists()
+
+
+def test_a_bad_carried_unit_is_one_error_line_before_any_work(tmp_path):
+    from tdmpc_jax.results_io import claim_output
+    res, out = tmp_path / "results", tmp_path / "out"
+    claim_output(str(res), "study-results")
+    carried = res / study.INFLIGHT / "0.67M-plan-s1"
+    carried.mkdir(parents=True)
+    (carried / "unit.json").write_text(json.dumps({"unit": {"size": "0.67M", "arm": "reward", "seed": 1}}))
+    r = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "study.py"), "--stage=2",
+                        "--only=0.67M-plan-s1", f"--output={out}", f"--results={res}"], capture_output=True, text=True,
+                       timeout=300, cwd=REPO, env={**os.environ, "MUJOCO_GL": "disable"})
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert r.returncode == 1 and lines == [f"error: {carried / 'unit.json'}: not a carried study unit (ValueError: its "
+                                           "unit is '0.67M-reward-s1', not '0.67M-plan-s1')"]
+    assert not out.exists() and (carried / "unit.json").exists()
 
 
 def test_run_parallel_stopped_by_sigterm_stops_its_commands(tmp_path):
