@@ -40,8 +40,9 @@ flags.DEFINE_list("only", [], "run only these units (names as in runs/, e.g. 0.2
 cli.block_flag()
 flags.DEFINE_bool("report", False, "rebuild the tables and figures from finished units (those under --output and "
                   "those whose per-run JSON is committed under --results/runs) and carry the units that are "
-                  "trained but not finished into --results/inflight/ (a later sitting, in a fresh clone too, "
-                  "evaluates on from there), then exit")
+                  "started but not finished into --results/inflight/ (trained: the student and finished evaluation "
+                  "groups; training: the last checkpoint; a later sitting, in a fresh clone too, goes on from "
+                  "there), then exit; run it when no unit is running")
 flags.DEFINE_bool("diagnose", False, "measure what limits the students (data coverage; reward and policy fit of "
                   "the teacher and of the main size's students on the study's dataset) into --results/diagnosis.*, "
                   "then exit")

@@ -154,7 +154,7 @@ def _train_offline(cfg, tcfg, dataset, out_dir, run, teacher, init):
     sample = lambda k: Batch(*dataset.sample(np.random.default_rng([run.seed, k]), tcfg.batch_size, tcfg.horizon))
     with runs.MetricsLog(out_dir, start) as log, \
             Progress(run.steps, "updates", initial=start, enabled=run.progress) as bar:
-        t0, last_good, k = time.perf_counter(), start, start
+        t0, last_good, k = time.perf_counter() - log.elapsed(), start, start  # elapsed_s: across resumes
         while k < run.steps:
             n = min(run.block, run.next_stop(k) - k)
             if n == run.block and block_fn is not None:  # updates k .. k+n-1 in one call

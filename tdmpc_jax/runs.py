@@ -76,6 +76,26 @@ def _fields(state: train.TrainState) -> dict:
     return {k: v for k, v in state._asdict().items() if v is not None}
 
 
+def _restore_meta(path):
+    import orbax.checkpoint as ocp
+    from tdmpc_jax.checkpoints.orbax_io import _checkpointer
+    _, ck = _checkpointer()
+    return ck.restore(path, ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+
+
+def read_state_meta(path) -> dict:
+    """The metadata (JSON only: step, config, train config) of `write_state`'s checkpoint at `path`, without
+    reading its arrays; CheckpointError when it is not one."""
+    try:
+        meta = _restore_meta(path)
+    except Exception as e:
+        raise CheckpointError(path, f"not a train state: {type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(meta, dict) or meta.get("format") != "tdmpc_jax-train-state" or \
+            not isinstance(meta.get("step"), int):
+        raise CheckpointError(path, "not a train state (its metadata has no format 'tdmpc_jax-train-state' and step)")
+    return meta
+
+
 def read_state(path, like: train.TrainState):
     """-> (state, meta) from `write_state`'s checkpoint at `path`; CheckpointError when corrupt."""
     import orbax.checkpoint as ocp
@@ -84,7 +104,7 @@ def read_state(path, like: train.TrainState):
     try:
         # the saved layout: a weight-averaging sum (meta "average", see offline.RunConfig) or none, whatever
         # `like` asks for; the caller compares meta["average"] with its own run's
-        saved = ck.restore(path, ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+        saved = _restore_meta(path)
         averaged = isinstance(saved, dict) and bool(saved.get("average"))
         like = like._replace(average=train.weights(like) if averaged else None)
         item = jax.tree_util.tree_map(np.asarray, _fields(like))
@@ -247,6 +267,12 @@ class MetricsLog:
 
     def rows(self):
         return read_log(self.path)
+
+    def elapsed(self, key: str = "elapsed_s") -> float:
+        """The last kept row's `key` (0 when none): a resumed run adds its own seconds to it, so that
+        elapsed_s counts the time of the kept updates across resumes (and machines), not since the last one."""
+        kept = [r[key] for r in self.rows() if isinstance(r.get(key), (int, float))]
+        return float(kept[-1]) if kept else 0.0
 
     def close(self):
         if self._tb is not None:

@@ -15,9 +15,11 @@ A unit skips every part that already exists (training resumes from its last chec
 study restarts where it stopped and finished units are never redone. `report` rebuilds every table and
 figure from the finished units only: those here and those known by the per-run JSON an earlier report
 committed (`committed_units`: a fresh clone continues the study without the earlier units' directories).
-A unit trained but not finished when a sitting ends travels the same way: the report copies its student,
-training log and finished evaluation groups to <results>/inflight/<unit>/ (`carry_unfinished`), and the
-next sitting, in a fresh clone, evaluates on from there (`restore_carried`) instead of training it again.
+A unit started but not finished when a sitting ends travels the same way: the report copies a trained
+unit's student, training log and finished evaluation groups, or a unit still training's last training
+checkpoint and log, to <results>/inflight/<unit>/ (`carry_unfinished`), and the next sitting, in a fresh
+clone, goes on from there (`restore_carried`): it evaluates on, or trains on from that checkpoint (the same
+updates, batches and keys as an uninterrupted run: `offline` resumes exactly).
 `diagnose` measures what limits the students (`tdmpc_jax.diagnosis`).
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tdmpc_jax import atomic
+from tdmpc_jax import atomic, runs
 
 # Students (enc_dim, mlp_dim, latent_dim; task_dim 96 and the rest as in the official 1M model), by
 # learnable parameters on MT30 (the teacher, the official 1M architecture, has 1,426,427).
@@ -284,16 +286,30 @@ def _evaluate_into(directory, agent, tasks, episodes, pcfg, eval_mode, seed=1, n
 
 
 # Units carried between sittings, under the report's directory (`carry_unfinished`, `restore_carried`): a unit
-# trained but not evaluated when a sitting ends, on a machine whose study directory does not survive it
+# started but not finished when a sitting ends, on a machine whose study directory does not survive it
 INFLIGHT = "inflight"
-# what a carried unit keeps: the trained student, its training log, the finished policy-prior evaluation and
-# the MPPI evaluation's finished groups (not a training state mid-run: its optimizer moments triple the bytes)
+# what a trained unit keeps: the student, its training log, the finished policy-prior evaluation and the MPPI
+# evaluation's finished groups; a unit still training keeps its last training checkpoint (the train state:
+# parameters, target Qs and optimizer moments, ~4x the student's bytes) and its training log
 CARRIED = ("unit.json", os.path.join("train", "metrics.jsonl"), os.path.join("train", "agent"), "eval_pi",
            os.path.join("eval_mppi", "partial"))
+CARRIED_TRAINING = ("unit.json", os.path.join("train", "metrics.jsonl"), os.path.join("train", runs.TRAIN_STATE))
 
 
-def check_carried(src: str, name: str) -> None:
-    """Check that `src` holds a carried unit named `name` (ValueError naming the file and the problem)."""
+def _trained(d: str) -> bool:
+    return os.path.exists(os.path.join(d, "train", "agent", "DONE"))
+
+
+def _updates_done(d: str) -> int:
+    """The updates of the training checkpoint in unit directory `d` (0 without one; CheckpointError when it is
+    not a train state). Reads its JSON metadata only."""
+    path = os.path.join(d, "train", runs.TRAIN_STATE)
+    return runs.read_state_meta(path)["step"] if os.path.isdir(path) else 0
+
+
+def check_carried(src: str, name: str) -> Tuple[bool, int]:
+    """Check that `src` holds a carried unit named `name`, trained or with a training checkpoint (ValueError
+    naming the file and the problem) -> (trained?, updates of its training checkpoint)."""
     path = os.path.join(src, "unit.json")
     rec = _done(path)
     try:
@@ -301,36 +317,55 @@ def check_carried(src: str, name: str) -> None:
             raise ValueError(f"its unit is {Unit(**rec['unit']).name!r}, not {name!r}")
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a carried study unit ({type(e).__name__}: {e})") from None
-    if not os.path.exists(os.path.join(src, "train", "agent", "DONE")):
-        raise ValueError(f"{src}: a carried unit without its trained student (train/agent/DONE)")
+    if _trained(src):
+        return True, 0
+    if not os.path.isdir(os.path.join(src, "train", runs.TRAIN_STATE)):
+        raise ValueError(f"{src}: a carried unit with neither its trained student (train/agent/DONE) nor a "
+                         f"training checkpoint (train/{runs.TRAIN_STATE})")
+    return False, _updates_done(src)
 
 
 def carry_unfinished(out: str, dest: str, finished: Sequence[str] = ()) -> Dict[str, dict]:
-    """Copy every unit of out/runs that is trained but not finished into dest/INFLIGHT/<unit>/ (CARRIED: the
-    student, its training log, the finished evaluations and MPPI groups; each unit replaced whole), and drop
+    """Copy every unit of out/runs that is started but not finished into dest/INFLIGHT/<unit>/ (each replaced
+    whole): a trained unit as CARRIED (the student, its training log, the finished evaluations and MPPI
+    groups), a unit still training as CARRIED_TRAINING (its last training checkpoint and log); drop
     dest/INFLIGHT/<unit> of the units in `finished`. A later sitting in a fresh clone picks a carried unit up
-    where this one left it (`restore_carried`). -> {unit: {"pi": evaluated?, "mppi_groups": kept}} carried now."""
+    where this one left it (`restore_carried`). Run it when no unit is running.
+    -> {unit: {"trained": True, "pi": evaluated?, "mppi_groups": kept} or {"trained": False, "updates": n}}."""
     root, carried = os.path.join(dest, INFLIGHT), {}
-    runs = os.path.join(out, "runs")
-    for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
-        d = os.path.join(runs, name)
-        if name in finished or _done(os.path.join(d, "DONE")) is not None or \
-                not os.path.exists(os.path.join(d, "train", "agent", "DONE")):
+    runs_dir = os.path.join(out, "runs")
+    for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
+        d = os.path.join(runs_dir, name)
+        if name in finished or _done(os.path.join(d, "DONE")) is not None:
             continue
-        # a policy-prior evaluation cut short resumes nothing: only a finished one travels
-        parts = [p for p in CARRIED if os.path.exists(os.path.join(d, p)) and
-                 (p != "eval_pi" or os.path.exists(os.path.join(d, p, "results.json")))]
+        if _trained(d):
+            # a policy-prior evaluation cut short resumes nothing: only a finished one travels
+            parts = [p for p in CARRIED if os.path.exists(os.path.join(d, p)) and
+                     (p != "eval_pi" or os.path.exists(os.path.join(d, p, "results.json")))]
+            partial = os.path.join(d, "eval_mppi", "partial")
+            groups = [f for f in os.listdir(partial) if f.endswith(".json") and f != "spec.json"] \
+                if os.path.isdir(partial) else []
+            info = {"trained": True, "pi": "eval_pi" in parts, "mppi_groups": len(groups)}
+        else:
+            # the last checkpoint as it is on disk (a save cut short by a kill is finished or rolled back first)
+            if not atomic.recover_dir(os.path.join(d, "train", runs.TRAIN_STATE)) or not os.path.exists(
+                    os.path.join(d, "unit.json")):
+                continue  # killed before its first checkpoint: nothing to carry
+            parts = [p for p in CARRIED_TRAINING if os.path.exists(os.path.join(d, p))]
+            info = {"trained": False, "updates": _updates_done(d)}
+        prior = os.path.join(root, name)
+        if os.path.isdir(prior) and not info["trained"]:  # never replace a carried unit with less progress
+            was_trained, was_updates = check_carried(prior, name)
+            if was_trained or was_updates >= info["updates"]:
+                continue
 
         def build(tmp, d=d, parts=parts):
             for p in parts:
                 src, to = os.path.join(d, p), os.path.join(tmp, p)
                 os.makedirs(os.path.dirname(to), exist_ok=True)
                 (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, to)
-        atomic.replace_dir(os.path.join(root, name), build)
-        partial = os.path.join(d, "eval_mppi", "partial")
-        groups = [f for f in os.listdir(partial) if f.endswith(".json") and f != "spec.json"] \
-            if os.path.isdir(partial) else []
-        carried[name] = {"pi": "eval_pi" in parts, "mppi_groups": len(groups)}
+        atomic.replace_dir(prior, build)
+        carried[name] = info
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         if name in finished and os.path.isdir(os.path.join(root, name)):
             shutil.rmtree(os.path.join(root, name))
@@ -338,16 +373,21 @@ def carry_unfinished(out: str, dest: str, finished: Sequence[str] = ()) -> Dict[
 
 
 def restore_carried(out: str, unit: Unit, carried: Optional[str], log=print) -> bool:
-    """Where `carried` (a report's INFLIGHT directory) holds `unit` and out/runs/<unit> has no trained student,
-    make out/runs/<unit> the carried unit (replaced whole: a trained student supersedes an unfinished training
-    of the same unit); -> whether it did. The carried files are only read and copied."""
+    """Where `carried` (a report's INFLIGHT directory) holds `unit` further on than out/runs/<unit> (trained
+    where that is not, or a later training checkpoint), make out/runs/<unit> the carried unit (replaced whole);
+    -> whether it did. The carried files are only read and copied."""
     src = os.path.join(carried, unit.name) if carried else ""
     d = os.path.join(out, "runs", unit.name)
-    if not src or not os.path.isdir(src) or os.path.exists(os.path.join(d, "train", "agent", "DONE")):
+    if not src or not os.path.isdir(src) or _trained(d):
         return False
-    check_carried(src, unit.name)
+    trained, updates = check_carried(src, unit.name)
+    if not trained:
+        local = os.path.join(d, "train", runs.TRAIN_STATE)
+        if atomic.recover_dir(local) and _updates_done(d) >= updates:
+            return False
     atomic.replace_dir(d, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
-    log(f"[{unit.name}] carried from an earlier sitting ({src}): trained, evaluation resumes")
+    log(f"[{unit.name}] carried from an earlier sitting ({src}): " +
+        ("trained, evaluation resumes" if trained else f"training resumes at update {updates}"))
     return True
 
 
@@ -469,14 +509,14 @@ def finished_units(out: str, dest: Optional[str] = None) -> List[Tuple[Unit, dic
     report committed to dest/runs (`committed_units`)."""
     from tdmpc_jax.results_io import read_results
     found = []
-    runs = os.path.join(out, "runs")
-    for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
-        rec = _done(os.path.join(runs, name, "DONE"))
+    runs_dir = os.path.join(out, "runs")
+    for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
+        rec = _done(os.path.join(runs_dir, name, "DONE"))
         if rec is None:
             continue
         u = Unit(**rec["unit"])
-        found.append((u, rec, read_results(os.path.join(runs, name, "eval_mppi")),
-                      read_results(os.path.join(runs, name, "eval_pi"))))
+        found.append((u, rec, read_results(os.path.join(runs_dir, name, "eval_mppi")),
+                      read_results(os.path.join(runs_dir, name, "eval_pi"))))
     if dest is not None:
         found += committed_units(dest, {u.name for u, _, _, _ in found})
     return sorted(found, key=lambda f: f[0].name)
@@ -487,13 +527,13 @@ def committed_units(dest: str, skip=frozenset()) -> List[Tuple[Unit, dict, dict,
     record plus per-task MPPI and policy-prior means), except those named in `skip`. A study continued
     on another machine or in a fresh clone, where the earlier units' directories are not, reports
     them with the new ones. The files are only parsed (json), checked and never written here."""
-    runs = os.path.join(dest, "runs")
+    runs_dir = os.path.join(dest, "runs")
     found = []
-    for fname in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+    for fname in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
         name, ext = os.path.splitext(fname)
         if ext != ".json" or name in skip:
             continue
-        path = os.path.join(runs, fname)
+        path = os.path.join(runs_dir, fname)
         try:
             with open(path) as f:
                 rec = json.load(f)
@@ -573,7 +613,7 @@ def teacher_pi_evaluation(out: str, dest: str) -> Optional[dict]:
 def report(out: str, dest: str, teacher_mppi: dict, teacher_pi: Optional[dict], teacher_params: int) -> dict:
     """Rebuild summary.json, summary.md, per-run JSON and the figures in `dest` from finished units; commit
     `teacher_pi` (`teacher_pi_evaluation`) as dest/TEACHER_PI where none is there yet; carry the units that are
-    trained but not finished into dest/INFLIGHT (`carry_unfinished`) and drop the finished ones from there."""
+    started but not finished into dest/INFLIGHT (`carry_unfinished`) and drop the finished ones from there."""
     from tdmpc_jax import plots
     units = finished_units(out, dest)
     if not units:
@@ -595,8 +635,10 @@ def report(out: str, dest: str, teacher_mppi: dict, teacher_pi: Optional[dict], 
             if not os.path.exists(os.path.join(target, "DONE")) and os.path.isdir(trained):
                 atomic.replace_dir(target, lambda tmp, src=trained: shutil.copytree(src, tmp, dirs_exist_ok=True))
     for name, c in carry_unfinished(out, dest, finished=[u.name for u, *_ in units]).items():
-        print(f"[{name}] trained, not finished: carried to {os.path.join(dest, INFLIGHT, name)} (policy prior "
-              f"{'evaluated' if c['pi'] else 'to evaluate'}, {c['mppi_groups']} MPPI group(s) kept)", flush=True)
+        print(f"[{name}] " + (f"trained, not finished: carried to {os.path.join(dest, INFLIGHT, name)} (policy prior "
+                              f"{'evaluated' if c['pi'] else 'to evaluate'}, {c['mppi_groups']} MPPI group(s) kept)"
+                              if c["trained"] else f"training: carried to {os.path.join(dest, INFLIGHT, name)} at "
+                              f"update {c['updates']} (its last checkpoint)"), flush=True)
     mppi_scores = {f"{z}/{a}": score_matrix([g[2] for g in v], tasks) for (z, a), v in groups.items()}
     pi_scores = {f"{z}/{a}": score_matrix([g[3] for g in v], tasks) for (z, a), v in groups.items()}
     agg_mppi, agg_pi = aggregate(mppi_scores), aggregate(pi_scores)

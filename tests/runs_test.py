@@ -76,6 +76,7 @@ def test_resume_truncates_the_log_and_purges_its_tensorboard_events(tmp_path):
         f.write('{"step": 5, "total_lo')  # torn by a kill
     with runs.MetricsLog(tmp_path, 2) as log:  # resumed from the checkpoint at step 2
         assert [r["step"] for r in log.rows()] == [1, 2]
+        assert log.elapsed() == 1.0  # the kept rows' time: a resumed run's elapsed_s goes on from there
         log.append({"step": 3, "total_loss": 7.0})
     assert [r["step"] for r in runs.read_log(tmp_path / runs.METRICS)] == [1, 2, 3]
     if HAVE_WRITER:

@@ -64,7 +64,8 @@ def test_units_resume_and_report(tiny, teacher, tmp_path, monkeypatch):
     shutil.copytree(out, ended)
     for f in ("DONE", "eval_mppi/results.json"):
         os.remove(os.path.join(ended, "runs", "tiny-reward-s1", f))
-    assert study.carry_unfinished(ended, carry_dest) == {"tiny-reward-s1": {"pi": True, "mppi_groups": 1}}
+    assert study.carry_unfinished(ended, carry_dest) == {"tiny-reward-s1": {"trained": True, "pi": True,
+                                                                            "mppi_groups": 1}}
     src = os.path.join(carry_dest, study.INFLIGHT, "tiny-reward-s1")
     assert os.path.exists(os.path.join(src, "train", "agent", "DONE"))
     assert not os.path.exists(os.path.join(src, "train", "train_state"))  # the student, not the optimizer
@@ -88,6 +89,47 @@ def test_units_resume_and_report(tiny, teacher, tmp_path, monkeypatch):
         study.run_unit(str(tmp_path / "other"), study.Unit("tiny", "scratch", 1), teacher, ds, SCFG, REPO,
                        log=lambda m: None, carried=inflight)
     assert not os.path.exists(str(tmp_path / "other" / "runs" / "tiny-scratch-s1"))
+
+    # a sitting ends in the middle of a unit's training (killed after its checkpoint at update 5): the report's
+    # directory carries that checkpoint, and the next sitting trains on from it to the uninterrupted student
+    from tdmpc_jax import offline
+    real_save = offline.save_state
+
+    def killed_after_5(out_dir, state, *a, **k):
+        real_save(out_dir, state, *a, **k)
+        if int(state.step) == 5:
+            raise KeyboardInterrupt("the sitting ends")
+    cut, carry2 = str(tmp_path / "cut"), str(tmp_path / "carry2")
+    monkeypatch.setattr(offline, "save_state", killed_after_5)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_unit(cut, study.Unit("tiny", "reward", 1), teacher, ds, SCFG, REPO, log=lambda m: None)
+    monkeypatch.setattr(offline, "save_state", real_save)
+    assert study.carry_unfinished(cut, carry2) == {"tiny-reward-s1": {"trained": False, "updates": 5}}
+    src2 = os.path.join(carry2, study.INFLIGHT, "tiny-reward-s1")
+    assert sorted(os.listdir(src2)) == ["train", "unit.json"]
+    assert sorted(os.listdir(os.path.join(src2, "train"))) == ["metrics.jsonl", "train_state"]
+    assert study.carry_unfinished(cut, carry2) == {}  # no further on than what is carried: left as it is
+    logs = []
+    resumed = study.run_unit(str(tmp_path / "next2"), study.Unit("tiny", "reward", 1), teacher, ds, SCFG, REPO,
+                             log=logs.append, carried=os.path.join(carry2, study.INFLIGHT))
+    assert "training resumes at update 5" in logs[0]
+    import jax
+    import tdmpc_jax
+    one = tdmpc_jax.load_checkpoint(os.path.join(d, "train", "agent"))
+    two = tdmpc_jax.load_checkpoint(os.path.join(tmp_path, "next2", "runs", "tiny-reward-s1", "train", "agent"))
+    for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(two.params)):
+        np.testing.assert_array_equal(a, b)  # bitwise the uninterrupted unit's student
+    for k in ("mppi_normalized_score", "pi_normalized_score", "git_commit"):
+        assert resumed[k] == recs["reward"][k], k
+    rows = [json.loads(x) for x in open(os.path.join(tmp_path, "next2", "runs", "tiny-reward-s1", "train",
+                                                     "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == list(range(1, SCFG.steps + 1))  # the log goes on where it was cut
+    el = [r["elapsed_s"] for r in rows]
+    assert el == sorted(el) and resumed["train_s_per_update"] == pytest.approx(el[-1] / SCFG.steps)
+    # a carried unit with neither a student nor a training checkpoint is refused
+    shutil.rmtree(os.path.join(src2, "train", "train_state"))
+    with pytest.raises(ValueError, match="neither its trained student"):
+        study.check_carried(src2, "tiny-reward-s1")
 
     teacher_mppi = json.load(open(os.path.join(REPO, "tests", "data", "reference", "released_1M_mppi_mt30_10ep.json")))
     s = study.report(out, dest, teacher_mppi, None, teacher.num_params()["learnable"])
@@ -439,13 +481,23 @@ def test_a_bad_carried_unit_is_one_error_line_before_any_work(tmp_path):
     carried = res / study.INFLIGHT / "0.67M-plan-s1"
     carried.mkdir(parents=True)
     (carried / "unit.json").write_text(json.dumps({"unit": {"size": "0.67M", "arm": "reward", "seed": 1}}))
-    r = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "study.py"), "--stage=2",
-                        "--only=0.67M-plan-s1", f"--output={out}", f"--results={res}"], capture_output=True, text=True,
-                       timeout=300, cwd=REPO, env={**os.environ, "MUJOCO_GL": "disable"})
-    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
-    assert r.returncode == 1 and lines == [f"error: {carried / 'unit.json'}: not a carried study unit (ValueError: its "
-                                           "unit is '0.67M-reward-s1', not '0.67M-plan-s1')"]
+
+    def run():
+        r = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "study.py"), "--stage=2",
+                            "--only=0.67M-plan-s1", f"--output={out}", f"--results={res}"], capture_output=True,
+                           text=True, timeout=300, cwd=REPO, env={**os.environ, "MUJOCO_GL": "disable"})
+        return r.returncode, [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert run() == (1, [f"error: {carried / 'unit.json'}: not a carried study unit (ValueError: its "
+                         "unit is '0.67M-reward-s1', not '0.67M-plan-s1')"])
     assert not out.exists() and (carried / "unit.json").exists()
+    # the right unit, carried in training, but its checkpoint is not a train state
+    (carried / "unit.json").write_text(json.dumps({"unit": {"size": "0.67M", "arm": "plan", "seed": 1}}))
+    state = carried / "train" / "train_state"
+    state.mkdir(parents=True)
+    (state / "metadata").write_text("{}")
+    rc, lines = run()
+    assert rc == 1 and len(lines) == 1 and lines[0].startswith(f"error: {state}: not a train state"), lines
+    assert not out.exists() and (state / "metadata").read_text() == "{}"
 
 
 def test_run_parallel_stopped_by_sigterm_stops_its_commands(tmp_path):
