@@ -80,7 +80,7 @@ def _restore_meta(path):
     import orbax.checkpoint as ocp
     from tdmpc_jax.checkpoints.orbax_io import _checkpointer
     _, ck = _checkpointer()
-    return ck.restore(path, ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+    return ck.restore(os.path.abspath(path), ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
 
 
 def read_state_meta(path) -> dict:
