@@ -307,9 +307,16 @@ def _updates_done(d: str) -> int:
     return runs.read_state_meta(path)["step"] if os.path.isdir(path) else 0
 
 
+def _progress(d: str) -> Tuple[bool, int]:
+    """How far unit directory `d` is: (trained?, updates of its training checkpoint; 0 when trained or when it
+    has none); only reads. The tuples order as progress does: a trained unit is further on than any
+    checkpoint, a later checkpoint than an earlier one."""
+    return (True, 0) if _trained(d) else (False, _updates_done(d))
+
+
 def check_carried(src: str, name: str) -> Tuple[bool, int]:
     """Check that `src` holds a carried unit named `name`, trained or with a training checkpoint (ValueError
-    naming the file and the problem) -> (trained?, updates of its training checkpoint)."""
+    naming the file and the problem) -> its `_progress`."""
     path = os.path.join(src, "unit.json")
     rec = _done(path)
     try:
@@ -317,12 +324,10 @@ def check_carried(src: str, name: str) -> Tuple[bool, int]:
             raise ValueError(f"its unit is {Unit(**rec['unit']).name!r}, not {name!r}")
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a carried study unit ({type(e).__name__}: {e})") from None
-    if _trained(src):
-        return True, 0
-    if not os.path.isdir(os.path.join(src, "train", runs.TRAIN_STATE)):
+    if not _trained(src) and not os.path.isdir(os.path.join(src, "train", runs.TRAIN_STATE)):
         raise ValueError(f"{src}: a carried unit with neither its trained student (train/agent/DONE) nor a "
                          f"training checkpoint (train/{runs.TRAIN_STATE})")
-    return False, _updates_done(src)
+    return _progress(src)
 
 
 def carry_unfinished(out: str, dest: str, finished: Sequence[str] = ()) -> Dict[str, dict]:
@@ -354,10 +359,9 @@ def carry_unfinished(out: str, dest: str, finished: Sequence[str] = ()) -> Dict[
             parts = [p for p in CARRIED_TRAINING if os.path.exists(os.path.join(d, p))]
             info = {"trained": False, "updates": _updates_done(d)}
         prior = os.path.join(root, name)
-        if os.path.isdir(prior) and not info["trained"]:  # never replace a carried unit with less progress
-            was_trained, was_updates = check_carried(prior, name)
-            if was_trained or was_updates >= info["updates"]:
-                continue
+        # never replace a carried unit with one no further on (a trained one is replaced: it holds its groups)
+        if os.path.isdir(prior) and not info["trained"] and check_carried(prior, name) >= _progress(d):
+            continue
 
         def build(tmp, d=d, parts=parts):
             for p in parts:
@@ -381,10 +385,9 @@ def restore_carried(out: str, unit: Unit, carried: Optional[str], log=print) -> 
     if not src or not os.path.isdir(src) or _trained(d):
         return False
     trained, updates = check_carried(src, unit.name)
-    if not trained:
-        local = os.path.join(d, "train", runs.TRAIN_STATE)
-        if atomic.recover_dir(local) and _updates_done(d) >= updates:
-            return False
+    atomic.recover_dir(os.path.join(d, "train", runs.TRAIN_STATE))  # a local save cut short by a kill
+    if _progress(d) >= (trained, updates):
+        return False
     atomic.replace_dir(d, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
     log(f"[{unit.name}] carried from an earlier sitting ({src}): " +
         ("trained, evaluation resumes" if trained else f"training resumes at update {updates}"))
