@@ -360,7 +360,7 @@ def carry_unfinished(out: str, dest: str, finished: Sequence[str] = ()) -> Dict[
             info = {"trained": False, "updates": _updates_done(d)}
         prior = os.path.join(root, name)
         # never replace a carried unit with one no further on (a trained one is replaced: it holds its groups)
-        if os.path.isdir(prior) and not info["trained"] and check_carried(prior, name) >= _progress(d):
+        if os.path.isdir(prior) and not info["trained"] and check_carried(prior, name) >= (False, info["updates"]):
             continue
 
         def build(tmp, d=d, parts=parts):
