@@ -34,10 +34,10 @@ import functools
 import re
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
-import jax
-import jax.numpy as jnp
+from tdmpc_jax.lazy_import import lazy
 
-from tdmpc_jax import scalar_math as tmath
+jax, jnp, tmath = lazy("jax"), lazy("jax.numpy"), lazy("tdmpc_jax.scalar_math")  # imported when a loss runs: an
+# entry point defines the distillation flags (this registry) without importing JAX (tdmpc_jax.lazy_import)
 
 # NOTE: `tdmpc_jax.networks` (which imports `tdmpc_jax.config`) is imported inside `Context`: config
 # imports this module lazily, so this module never imports config or networks at import time.

@@ -27,9 +27,13 @@ import dataclasses
 import types
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence, Tuple
 
-import jax
-import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+
+from tdmpc_jax.lazy_import import lazy
+
+jax, jnp = lazy("jax"), lazy("jax.numpy")  # imported when a conversion runs: entry points read FORMATS (their
+# --formats flag) without importing JAX (tdmpc_jax.lazy_import)
 
 Path = Tuple[str, ...]
 
@@ -157,7 +161,7 @@ def _mixed(path, w, sensitive):
 
 register_format(Format("fp32", "float32, as trained", 4.0, _cast(np.float32)))
 register_format(Format("fp16", "every leaf float16", 2.0, _cast(np.float16)))
-register_format(Format("bf16", "every leaf bfloat16", 2.0, _cast(jnp.bfloat16)))
+register_format(Format("bf16", "every leaf bfloat16", 2.0, _cast(ml_dtypes.bfloat16)))  # jnp.bfloat16's dtype
 register_format(Format("int8", "int8 kernels, one fp32 scale per output channel; the rest fp32", 1.0, _int8))
 register_format(Format("mixed", "int8 kernels except the most sensitive (fp16); the rest fp16", 1.0, _mixed,
                        uses_sensitivity=True,

@@ -30,7 +30,7 @@ import os
 import shutil
 import subprocess
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -133,6 +133,15 @@ class StudyConfig:
     mppi_episodes: int = 3
     eval_mode: bool = False      # MPPI with exploration noise: the paper's protocol (28.45)
     tasks: Tuple[str, ...] = ()  # () = every task of the teacher (MT30); a subset for smoke tests
+    # PlannerConfig fields that differ from the official MPPI settings, as (name, value) pairs, for the MPPI
+    # evaluation and the teacher's MPPI data; () = the official settings (every study run). Smoke tests plan
+    # with fewer samples: what they check is the machinery, not the scores.
+    planner: Tuple[Tuple[str, Any], ...] = ()
+
+    def mppi(self, **fields):
+        """The PlannerConfig of the study's MPPI (official unless `planner` says otherwise), with `fields`."""
+        from tdmpc_jax.planner import PlannerConfig
+        return PlannerConfig(**{**dict(self.planner), **fields})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,7 +259,7 @@ def ensure_data(out: str, teacher, scfg: StudyConfig, seed: int = 1, data: str =
     else:
         # teacher MPPI on a CPU (~11 h for 600 episodes): in resumable groups, kept in <dir>.partial
         resume = path + ".partial" if spec["mpc"] and jax.default_backend() == "cpu" else None
-        ds = collect(teacher, study_tasks(teacher, scfg), scfg.collect_episodes, path, PlannerConfig(mpc=spec["mpc"]),
+        ds = collect(teacher, study_tasks(teacher, scfg), scfg.collect_episodes, path, scfg.mppi(mpc=spec["mpc"]),
                      seed, eval_mode=False, progress=True, overwrite=True, resume_dir=resume, group=CPU_GROUP)
         returns, acting = ds.meta_returns, spec["acting"]
     atomic.write_file(os.path.join(path, "DONE"), json.dumps(
@@ -433,8 +442,9 @@ def run_unit(out: str, unit: Unit, teacher, dataset, scfg: StudyConfig, repo: st
     tasks = study_tasks(teacher, scfg)
     pi = _evaluate_into(os.path.join(d, "eval_pi"), agent, tasks, scfg.pi_episodes, PlannerConfig(mpc=False), True,
                         num_workers=eval_workers)
-    log(f"[{unit.name}] MPPI (official settings), {scfg.mppi_episodes} episodes per task ...")
-    mppi = _evaluate_into(os.path.join(d, "eval_mppi"), agent, tasks, scfg.mppi_episodes, PlannerConfig(),
+    log(f"[{unit.name}] MPPI ({'official settings' if not scfg.planner else dict(scfg.planner)}), "
+        f"{scfg.mppi_episodes} episodes per task ...")
+    mppi = _evaluate_into(os.path.join(d, "eval_mppi"), agent, tasks, scfg.mppi_episodes, scfg.mppi(),
                           scfg.eval_mode, num_workers=eval_workers)
     rows = _log_rows(os.path.join(d, "train", "metrics.jsonl"))
     per_update = rows[-1]["elapsed_s"] / rows[-1]["step"] if rows and rows[-1].get("elapsed_s") else None

@@ -319,6 +319,36 @@ def test_every_flag_of_every_entry_point_has_a_rule():
         assert r.stdout.strip() == "", f"{script}.py: flags without a validation rule: {r.stdout.strip()}"
 
 
+def test_a_bad_flag_is_refused_before_jax_is_imported():
+    """Defining and checking the flags imports no JAX (`tdmpc_jax/__init__` names its exports lazily; the flag
+    registries `distill_terms` and `quantize.FORMATS` reach JAX through `lazy_import.lazy`): a typo costs the
+    user a fraction of a second, not JAX's import."""
+    for script in SCRIPTS:
+        code = ("import runpy, sys\n"
+                f"sys.argv = [{script!r}, '--no_such_flag=1']\n"
+                "try:\n"
+                f"    runpy.run_path({os.path.join(REPO, 'experiments', script + '.py')!r}, run_name='__main__')\n"
+                "except SystemExit as e:\n"
+                "    print(e.code, sorted(m for m in ('jax', 'flax', 'optax', 'orbax') if m in sys.modules))\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+        assert r.stdout.strip() == "1 []", (script, r.stdout[-500:], r.stderr[-1000:])
+        assert r.stderr.strip().startswith("error: ") and "no_such_flag" in r.stderr, (script, r.stderr[-1000:])
+
+
+def test_lazy_module_imports_on_first_use():
+    from tdmpc_jax import lazy_import
+    code = ("import sys; from tdmpc_jax.lazy_import import lazy; m = lazy('colorsys'); "
+            "before = 'colorsys' in sys.modules; print(before, m.rgb_to_hsv(1, 0, 0)[0], 'colorsys' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
+    assert r.stdout.split() == ["False", "0.0", "True"], r.stderr[-1000:]
+    m = lazy_import.lazy("os.path")
+    assert m.join("a", "b") == os.path.join("a", "b") and repr(m) == "lazy('os.path')"
+    with pytest.raises(AttributeError, match="read-only"):
+        m.join = None
+    with pytest.raises(AttributeError):
+        m.no_such_name
+
+
 def test_output_rule(tmp_path, monkeypatch):
     ds = write_dataset(tmp_path / "ds")
     own = str(tmp_path / "ck")

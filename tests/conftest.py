@@ -41,12 +41,13 @@ def released_agent():
 
 
 # Seconds per test file, measured on the 2-core machine (two xdist workers, two study units beside them:
-# ~2x CI's times; only the order matters). `make test` schedules whole files (--dist loadfile) in
+# ~2x CI's times; study_test and cli_validation_test scaled by their speed-up of 2026-12-07, measured beside
+# an MPPI evaluation: 490 -> 347 s and ~520 -> 283 s; only the order matters). `make test` schedules whole files (--dist loadfile) in
 # collection order (--no-loadscope-reorder), and this hook collects the longest first, so that no long
 # file starts when the other worker is nearly done (longest-processing-time-first). A file missing here
 # counts as long: a new file is never the one left running alone at the end.
 FILE_SECONDS = {
-    "study_test.py": 625, "fused_update_test.py": 615, "cli_validation_test.py": 604, "train_test.py": 553,
+    "study_test.py": 440, "fused_update_test.py": 615, "cli_validation_test.py": 330, "train_test.py": 553,
     "overlap_test.py": 576, "planner_test.py": 355, "export_test.py": 315, "update_fidelity_test.py": 229,
     "pipeline_test.py": 221, "extend_distill_test.py": 210, "crash_safety_test.py": 201, "evaluation_test.py": 250,
     "quantize_test.py": 101, "losses_test.py": 89, "plan_fidelity_test.py": 82, "extend_format_test.py": 80,

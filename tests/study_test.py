@@ -13,7 +13,11 @@ from tdmpc_jax import study
 from conftest import REPO
 
 TASKS = ("cartpole-balance", "pendulum-spin")
-SCFG = study.StudyConfig(steps=12, batch_size=16, collect_episodes=1, pi_episodes=2, mppi_episodes=1, tasks=TASKS)
+# MPPI with fewer samples and iterations than the official settings (the study's default, checked below): these
+# tests check the machinery, and the official planner costs ~10x more per step
+SMOKE_MPPI = (("num_samples", 64), ("num_elites", 8), ("iterations", 2))
+SCFG = study.StudyConfig(steps=12, batch_size=16, collect_episodes=1, pi_episodes=2, mppi_episodes=1, tasks=TASKS,
+                         planner=SMOKE_MPPI)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +46,9 @@ def test_units_resume_and_report(tiny, teacher, tmp_path, monkeypatch):
     assert recs["reward"]["coefficients"] == {"distill_coef": 0.4}
     assert recs["reward"]["learnable_params"] == recs["scratch"]["learnable_params"]
     mppi = json.load(open(os.path.join(d, "eval_mppi", "results.json")))
-    assert mppi["planner"]["iterations"] == 6 and mppi["planner"]["num_samples"] == 512  # official settings
+    assert (mppi["planner"]["iterations"], mppi["planner"]["num_samples"]) == (2, 64)  # the smoke settings
+    from tdmpc_jax.planner import PlannerConfig
+    assert study.StudyConfig().mppi() == PlannerConfig() == PlannerConfig(iterations=6, num_samples=512)  # the study's
     assert mppi["eval_mode"] is False and sorted(mppi["tasks"]) == sorted(TASKS)
     assert mppi["timing"]["resumable_groups"]  # on a CPU the MPPI evaluation resumes group by group
     assert os.path.exists(os.path.join(d, "eval_mppi", "partial", "spec.json"))
