@@ -10,7 +10,6 @@ every later read is a dictionary lookup.
 from __future__ import annotations
 
 import importlib
-import sys
 
 
 class lazy:  # noqa: N801 (stands where a module name stands)
@@ -20,12 +19,10 @@ class lazy:  # noqa: N801 (stands where a module name stands)
         object.__setattr__(self, "_name", name)
 
     def __getattr__(self, attr):
-        name = object.__getattribute__(self, "_name")
-        module = sys.modules.get(name) or importlib.import_module(name)
-        return getattr(module, attr)
+        return getattr(importlib.import_module(self._name), attr)  # after the first: a sys.modules lookup
 
     def __setattr__(self, attr, value):
         raise AttributeError(f"lazy({self._name!r}) is read-only")
 
     def __repr__(self):
-        return f"lazy({object.__getattribute__(self, '_name')!r})"
+        return f"lazy({self._name!r})"
