@@ -71,3 +71,11 @@ def test_a_clone_with_nothing_beside_it_collects_every_test(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = r.stdout.strip().splitlines()[-1]
     assert re.search(r"\d+ tests? collected", summary) and "error" not in summary, summary
+
+
+def test_other_files_compile_with_all_optimizations():
+    """The -O0 build of conftest.COMPILE_BOUND does not leak into the files that run episodes and loops."""
+    import jax
+    assert "repo_test.py" not in conftest.COMPILE_BOUND
+    assert jax.config.read("jax_disable_most_optimizations") is False
+    assert all(os.path.exists(os.path.join(REPO, "tests", f)) for f in conftest.COMPILE_BOUND)

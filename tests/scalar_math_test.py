@@ -53,3 +53,10 @@ def test_log_std_squash_range_and_logprob():
     log_std = jnp.array([[0.1, -0.2]])
     want = sum(-0.5 * e * e - s - 0.5 * np.log(2 * np.pi) for e, s in zip([0.5, -1.0], [0.1, -0.2]))
     np.testing.assert_allclose(tmath.gaussian_logprob(eps, log_std), [want], rtol=1e-6)
+
+
+def test_this_compile_bound_file_compiles_without_most_optimizations():
+    """conftest.COMPILE_BOUND is in effect for the files it names (repo_test checks it ends with them)."""
+    import conftest
+    assert "scalar_math_test.py" in conftest.COMPILE_BOUND
+    assert jax.config.read("jax_disable_most_optimizations") is True
