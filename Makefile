@@ -25,7 +25,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # two pytest workers (pytest-xdist), one test file per worker at a time: module fixtures are built once,
-# and the 2-core CI machine runs the suite in ~18 min (TEST_WORKERS=0: one process, slower). Files are
+# and the 2-core CI machine runs the suite in ~31 min (README, Development; TEST_WORKERS=0: one process, slower). Files are
 # handed out longest first (tests/conftest.py: FILE_SECONDS; --no-loadscope-reorder keeps that order);
 # the log ends with the 25 slowest tests, so that a CI run shows where its time goes
 TEST_WORKERS ?= 2
